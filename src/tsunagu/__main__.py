@@ -1,0 +1,5 @@
+import sys
+
+from tsunagu.cli import main
+
+sys.exit(main())

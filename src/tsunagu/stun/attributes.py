@@ -1,0 +1,634 @@
+"""Typed STUN attributes (RFC 8489 §14, RFC 5780 §7, RFC 8656 §18, RFC 6062 §6.2,
+RFC 8445 §16.1), each with its value codec.
+
+Every attribute class has a ``TYPE`` and two methods: ``encode_value(xor_key)`` returns the
+value (unpadded) and ``decode_value(value, xor_key)`` builds the attribute from it, raising
+:class:`~tsunagu.errors.StunDecodeError` and nothing else on bad input. ``xor_key`` is the 16
+bytes of the header after the type and length (magic cookie + transaction ID), which the
+XOR address attributes need (RFC 8489 §14.2). Attributes we do not know are kept raw as
+:class:`UnknownAttribute` so a message can be re-encoded and inspected.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass
+from typing import ClassVar, Self
+
+from tsunagu.errors import StunDecodeError
+from tsunagu.stun.constants import AddressFamily, AttrType
+
+Address = tuple[str, int]
+"""A transport address: (IP literal, port). IPv6 literals carry no brackets."""
+
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+_U64 = struct.Struct("!Q")
+_ADDR_HEAD = struct.Struct("!BBH")
+
+
+class Attribute:
+    """Base of every attribute; subclasses are small dataclasses."""
+
+    __slots__ = ()
+    TYPE: ClassVar[int]
+
+    def encode_value(self, xor_key: bytes) -> bytes:
+        raise NotImplementedError
+
+    @classmethod
+    def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
+        raise NotImplementedError
+
+
+@dataclass(slots=True)
+class UnknownAttribute(Attribute):
+    """An attribute type this codec does not interpret; its bytes are kept as they came."""
+
+    attr_type: int
+    value: bytes
+    TYPE: ClassVar[int] = -1
+
+    def encode_value(self, xor_key: bytes) -> bytes:
+        return self.value
+
+
+# --- addresses (RFC 8489 §14.1, §14.2) -----------------------------------------------------
+
+
+def _pack_ip(ip: str) -> tuple[int, bytes]:
+    if ":" not in ip:
+        parts = ip.split(".")
+        if len(parts) == 4:
+            try:
+                return AddressFamily.IPV4, bytes(int(p) for p in parts)
+            except ValueError:
+                pass
+    try:
+        parsed = ipaddress.ip_address(ip)
+    except ValueError as exc:
+        raise ValueError(f"not an IP address: {ip!r}") from exc
+    family = AddressFamily.IPV4 if parsed.version == 4 else AddressFamily.IPV6
+    return family, parsed.packed
+
+
+def _unpack_ip(family: int, raw: bytes) -> str:
+    if family == AddressFamily.IPV4:
+        return f"{raw[0]}.{raw[1]}.{raw[2]}.{raw[3]}"
+    return str(ipaddress.IPv6Address(raw))
+
+
+def _xor(data: bytes, key: bytes) -> bytes:
+    return (int.from_bytes(data, "big") ^ int.from_bytes(key[: len(data)], "big")).to_bytes(
+        len(data), "big"
+    )
+
+
+def _encode_address(address: Address) -> bytes:
+    family, raw = _pack_ip(address[0])
+    return _ADDR_HEAD.pack(0, family, address[1]) + raw
+
+
+def _decode_address(value: bytes) -> tuple[int, int, bytes]:
+    if len(value) < 4:
+        raise StunDecodeError("address attribute too short")
+    _, family, port = _ADDR_HEAD.unpack_from(value)
+    expected = {AddressFamily.IPV4: 8, AddressFamily.IPV6: 20}.get(family)
+    if expected is None:
+        raise StunDecodeError(f"unknown address family {family:#x}")
+    if len(value) != expected:
+        raise StunDecodeError("address attribute has the wrong length for its family")
+    return family, port, value[4:]
+
+
+@dataclass(slots=True)
+class _PlainAddressAttribute(Attribute):
+    address: Address
+
+    def encode_value(self, xor_key: bytes) -> bytes:
+        return _encode_address(self.address)
+
+    @classmethod
+    def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
+        family, port, raw = _decode_address(value)
+        return cls((_unpack_ip(family, raw), port))
+
+
+@dataclass(slots=True)
+class _XorAddressAttribute(Attribute):
+    address: Address
+
+    def encode_value(self, xor_key: bytes) -> bytes:
+        family, raw = _pack_ip(self.address[0])
+        # RFC 8489 §14.2: port xor the cookie's high 16 bits, address xor cookie(+tid).
+        return _ADDR_HEAD.pack(0, family, self.address[1] ^ 0x2112) + _xor(raw, xor_key)
+
+    @classmethod
+    def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
+        family, port, raw = _decode_address(value)
+        return cls((_unpack_ip(family, _xor(raw, xor_key)), port ^ 0x2112))
+
+
+class MappedAddress(_PlainAddressAttribute):
+    TYPE = AttrType.MAPPED_ADDRESS
+
+
+class ResponseAddress(_PlainAddressAttribute):
+    TYPE = AttrType.RESPONSE_ADDRESS
+
+
+class SourceAddress(_PlainAddressAttribute):
+    TYPE = AttrType.SOURCE_ADDRESS
+
+
+class ChangedAddress(_PlainAddressAttribute):
+    TYPE = AttrType.CHANGED_ADDRESS
+
+
+class AlternateServer(_PlainAddressAttribute):
+    TYPE = AttrType.ALTERNATE_SERVER
+
+
+class ResponseOrigin(_PlainAddressAttribute):
+    TYPE = AttrType.RESPONSE_ORIGIN
+
+
+class OtherAddress(_PlainAddressAttribute):
+    TYPE = AttrType.OTHER_ADDRESS
+
+
+class XorMappedAddress(_XorAddressAttribute):
+    TYPE = AttrType.XOR_MAPPED_ADDRESS
+
+
+class XorPeerAddress(_XorAddressAttribute):
+    TYPE = AttrType.XOR_PEER_ADDRESS
+
+
+class XorRelayedAddress(_XorAddressAttribute):
+    TYPE = AttrType.XOR_RELAYED_ADDRESS
+
+
+# --- text (RFC 8489 §14.3, §14.9, §14.10, §14.14, RFC 8656 §18 ALTERNATE-DOMAIN) ----------
+
+
+@dataclass(slots=True)
+class _TextAttribute(Attribute):
+    value: str
+    MAX_BYTES: ClassVar[int] = 763  # "fewer than 128 characters, which can be up to 763 bytes"
+
+    def encode_value(self, xor_key: bytes) -> bytes:
+        raw = self.value.encode()
+        if len(raw) > self.MAX_BYTES:
+            raise ValueError(f"{type(self).__name__} longer than {self.MAX_BYTES} bytes")
+        return raw
+
+    @classmethod
+    def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
+        if len(value) > cls.MAX_BYTES:
+            raise StunDecodeError(f"{cls.__name__} longer than {cls.MAX_BYTES} bytes")
+        try:
+            return cls(value.decode())
+        except UnicodeDecodeError as exc:
+            raise StunDecodeError(f"{cls.__name__} is not UTF-8") from exc
+
+
+class Username(_TextAttribute):
+    TYPE = AttrType.USERNAME
+    # RFC 8489 §14.3 asks senders for fewer than 509 bytes; RFC 5389 allowed 513, and we
+    # accept what older peers send.
+    MAX_BYTES = 513
+
+
+class Realm(_TextAttribute):
+    TYPE = AttrType.REALM
+
+
+class Nonce(_TextAttribute):
+    TYPE = AttrType.NONCE
+
+
+class Software(_TextAttribute):
+    TYPE = AttrType.SOFTWARE
+
+
+class AlternateDomain(_TextAttribute):
+    TYPE = AttrType.ALTERNATE_DOMAIN
+    MAX_BYTES = 255  # a DNS name
+
+
+# --- raw bytes -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _BytesAttribute(Attribute):
+    value: bytes
+    SIZES: ClassVar[tuple[int, ...] | None] = None  # allowed lengths; None = any
+
+    def encode_value(self, xor_key: bytes) -> bytes:
+        return self.value
+
+    @classmethod
+    def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
+        if cls.SIZES is not None and len(value) not in cls.SIZES:
+            raise StunDecodeError(f"{cls.__name__} has length {len(value)}")
+        return cls(value)
+
+
+class Data(_BytesAttribute):
+    TYPE = AttrType.DATA
+
+
+class Padding(_BytesAttribute):
+    TYPE = AttrType.PADDING
+
+
+class ReservationToken(_BytesAttribute):
+    TYPE = AttrType.RESERVATION_TOKEN
+    SIZES = (8,)
+
+
+class Userhash(_BytesAttribute):
+    TYPE = AttrType.USERHASH
+    SIZES = (32,)
+
+
+class MessageIntegrity(_BytesAttribute):
+    TYPE = AttrType.MESSAGE_INTEGRITY
+    SIZES = (20,)
+
+
+class MessageIntegritySha256(_BytesAttribute):
+    TYPE = AttrType.MESSAGE_INTEGRITY_SHA256
+    SIZES = (16, 20, 24, 28, 32)  # RFC 8489 §14.6: truncated to at least 16, multiple of 4
+
+
+# --- integers ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _U32Attribute(Attribute):
+    value: int
+
+    def encode_value(self, xor_key: bytes) -> bytes:
+        return _U32.pack(self.value)
+
+    @classmethod
+    def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
+        if len(value) != 4:
+            raise StunDecodeError(f"{cls.__name__} must be 4 bytes")
+        return cls(_U32.unpack(value)[0])
+
+
+@dataclass(slots=True)
+class _U64Attribute(Attribute):
+    value: int
+
+    def encode_value(self, xor_key: bytes) -> bytes:
+        return _U64.pack(self.value)
+
+    @classmethod
+    def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
+        if len(value) != 8:
+            raise StunDecodeError(f"{cls.__name__} must be 8 bytes")
+        return cls(_U64.unpack(value)[0])
+
+
+class Fingerprint(_U32Attribute):
+    TYPE = AttrType.FINGERPRINT
+
+
+class Lifetime(_U32Attribute):
+    TYPE = AttrType.LIFETIME
+
+
+class Priority(_U32Attribute):
+    TYPE = AttrType.PRIORITY
+
+
+class ConnectionId(_U32Attribute):
+    TYPE = AttrType.CONNECTION_ID
+
+
+class IceControlled(_U64Attribute):
+    """RFC 8445 §16.1: carries the agent's tie-breaker."""
+
+    TYPE = AttrType.ICE_CONTROLLED
+
+
+class IceControlling(_U64Attribute):
+    TYPE = AttrType.ICE_CONTROLLING
+
+
+@dataclass(slots=True)
+class ChannelNumber(Attribute):
+    """RFC 8656 §18.1: 16-bit channel number followed by 16 RFFU bits."""
+
+    value: int
+    TYPE: ClassVar[int] = AttrType.CHANNEL_NUMBER
+
+    def encode_value(self, xor_key: bytes) -> bytes:
+        return _U16.pack(self.value) + b"\x00\x00"
+
+    @classmethod
+    def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
+        if len(value) != 4:
+            raise StunDecodeError("CHANNEL-NUMBER must be 4 bytes")
+        return cls(_U16.unpack_from(value)[0])
+
+
+@dataclass(slots=True)
+class ResponsePort(Attribute):
+    """RFC 5780 §7.5: 16-bit port then 16 bits of padding."""
+
+    port: int
+    TYPE: ClassVar[int] = AttrType.RESPONSE_PORT
+
+    def encode_value(self, xor_key: bytes) -> bytes:
+        return _U16.pack(self.port) + b"\x00\x00"
+
+    @classmethod
+    def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
+        if len(value) != 4:
+            raise StunDecodeError("RESPONSE-PORT must be 4 bytes")
+        return cls(_U16.unpack_from(value)[0])
+
+
+# --- flags and small enumerations ----------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _EmptyAttribute(Attribute):
+    def encode_value(self, xor_key: bytes) -> bytes:
+        return b""
+
+    @classmethod
+    def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
+        if value:
+            raise StunDecodeError(f"{cls.__name__} must be empty")
+        return cls()
+
+
+class UseCandidate(_EmptyAttribute):
+    TYPE = AttrType.USE_CANDIDATE
+
+
+class DontFragment(_EmptyAttribute):
+    TYPE = AttrType.DONT_FRAGMENT
+
+
+@dataclass(slots=True)
+class _OneByteAttribute(Attribute):
+    """One significant octet followed by three RFFU octets."""
+
+    value: int
+
+    def encode_value(self, xor_key: bytes) -> bytes:
+        return bytes((self.value, 0, 0, 0))
+
+    @classmethod
+    def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
+        if len(value) != 4:
+            raise StunDecodeError(f"{cls.__name__} must be 4 bytes")
+        return cls(value[0])
+
+
+class RequestedTransport(_OneByteAttribute):
+    """RFC 8656 §18.4: the IANA protocol number (17 = UDP, 6 = TCP per RFC 6062)."""
+
+    TYPE = AttrType.REQUESTED_TRANSPORT
+
+
+class RequestedAddressFamily(_OneByteAttribute):
+    """RFC 8656 §18.5: 0x01 IPv4, 0x02 IPv6."""
+
+    TYPE = AttrType.REQUESTED_ADDRESS_FAMILY
+
+
+class AdditionalAddressFamily(_OneByteAttribute):
+    """RFC 8656 §18.11: only 0x02 (IPv6) is meaningful."""
+
+    TYPE = AttrType.ADDITIONAL_ADDRESS_FAMILY
+
+
+@dataclass(slots=True)
+class EvenPort(Attribute):
+    """RFC 8656 §18.6: the R bit asks the server to reserve the next-higher port."""
+
+    reserve: bool = False
+    TYPE: ClassVar[int] = AttrType.EVEN_PORT
+
+    def encode_value(self, xor_key: bytes) -> bytes:
+        return b"\x80" if self.reserve else b"\x00"
+
+    @classmethod
+    def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
+        if len(value) != 1:
+            raise StunDecodeError("EVEN-PORT must be 1 byte")
+        return cls(bool(value[0] & 0x80))
+
+
+@dataclass(slots=True)
+class ChangeRequest(Attribute):
+    """RFC 5780 §7.2: ask the server to answer from another IP and/or port."""
+
+    change_ip: bool = False
+    change_port: bool = False
+    TYPE: ClassVar[int] = AttrType.CHANGE_REQUEST
+
+    def encode_value(self, xor_key: bytes) -> bytes:
+        return _U32.pack((0x04 if self.change_ip else 0) | (0x02 if self.change_port else 0))
+
+    @classmethod
+    def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
+        if len(value) != 4:
+            raise StunDecodeError("CHANGE-REQUEST must be 4 bytes")
+        flags = _U32.unpack(value)[0]
+        return cls(bool(flags & 0x04), bool(flags & 0x02))
+
+
+# --- errors (RFC 8489 §14.8, RFC 8656 §18.12, §18.13) --------------------------------------
+
+
+def _decode_error_number(value: bytes, what: str) -> tuple[int, str]:
+    if len(value) < 4:
+        raise StunDecodeError(f"{what} too short")
+    error_class, number = value[2] & 0x07, value[3]
+    if not 3 <= error_class <= 6 or number > 99:
+        raise StunDecodeError(f"{what} has an invalid code")
+    if len(value) - 4 > 763:
+        raise StunDecodeError(f"{what} reason phrase too long")
+    try:
+        reason = value[4:].decode()
+    except UnicodeDecodeError as exc:
+        raise StunDecodeError(f"{what} reason phrase is not UTF-8") from exc
+    return error_class * 100 + number, reason
+
+
+@dataclass(slots=True)
+class ErrorCodeAttr(Attribute):
+    code: int
+    reason: str = ""
+    TYPE: ClassVar[int] = AttrType.ERROR_CODE
+
+    def encode_value(self, xor_key: bytes) -> bytes:
+        return bytes((0, 0, self.code // 100, self.code % 100)) + self.reason.encode()
+
+    @classmethod
+    def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
+        return cls(*_decode_error_number(value, "ERROR-CODE"))
+
+
+@dataclass(slots=True)
+class AddressErrorCode(Attribute):
+    """RFC 8656 §18.12: which family of a dual allocation failed, and why."""
+
+    family: int
+    code: int
+    reason: str = ""
+    TYPE: ClassVar[int] = AttrType.ADDRESS_ERROR_CODE
+
+    def encode_value(self, xor_key: bytes) -> bytes:
+        return bytes((self.family, 0, self.code // 100, self.code % 100)) + self.reason.encode()
+
+    @classmethod
+    def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
+        code, reason = _decode_error_number(value, "ADDRESS-ERROR-CODE")
+        return cls(value[0], code, reason)
+
+
+@dataclass(slots=True)
+class Icmp(Attribute):
+    """RFC 8656 §18.13: 16 reserved bits, ICMP type (7 bits) and code (9 bits), error data."""
+
+    icmp_type: int
+    icmp_code: int
+    error_data: int = 0
+    TYPE: ClassVar[int] = AttrType.ICMP
+
+    def encode_value(self, xor_key: bytes) -> bytes:
+        return _U32.pack(((self.icmp_type & 0x7F) << 9) | (self.icmp_code & 0x1FF)) + _U32.pack(
+            self.error_data
+        )
+
+    @classmethod
+    def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
+        if len(value) != 8:
+            raise StunDecodeError("ICMP must be 8 bytes")
+        word, data = struct.unpack("!II", value)
+        return cls((word >> 9) & 0x7F, word & 0x1FF, data)
+
+
+@dataclass(slots=True)
+class UnknownAttributes(Attribute):
+    types: tuple[int, ...]
+    TYPE: ClassVar[int] = AttrType.UNKNOWN_ATTRIBUTES
+
+    def encode_value(self, xor_key: bytes) -> bytes:
+        return b"".join(_U16.pack(t) for t in self.types)
+
+    @classmethod
+    def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
+        if len(value) % 2:
+            raise StunDecodeError("UNKNOWN-ATTRIBUTES has an odd length")
+        return cls(tuple(_U16.unpack_from(value, i)[0] for i in range(0, len(value), 2)))
+
+
+# --- password algorithms (RFC 8489 §14.11, §14.12) -----------------------------------------
+
+
+def _encode_algorithm(algorithm: int, params: bytes) -> bytes:
+    pad = -len(params) % 4
+    return struct.pack("!HH", algorithm, len(params)) + params + b"\x00" * pad
+
+
+@dataclass(slots=True)
+class PasswordAlgorithm(Attribute):
+    algorithm: int
+    params: bytes = b""
+    TYPE: ClassVar[int] = AttrType.PASSWORD_ALGORITHM
+
+    def encode_value(self, xor_key: bytes) -> bytes:
+        return _encode_algorithm(self.algorithm, self.params)
+
+    @classmethod
+    def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
+        algorithms = PasswordAlgorithms.decode_value(value, xor_key).algorithms
+        if len(algorithms) != 1:
+            raise StunDecodeError("PASSWORD-ALGORITHM must hold exactly one algorithm")
+        return cls(*algorithms[0])
+
+
+@dataclass(slots=True)
+class PasswordAlgorithms(Attribute):
+    algorithms: tuple[tuple[int, bytes], ...]
+    TYPE: ClassVar[int] = AttrType.PASSWORD_ALGORITHMS
+
+    def encode_value(self, xor_key: bytes) -> bytes:
+        return b"".join(_encode_algorithm(a, p) for a, p in self.algorithms)
+
+    @classmethod
+    def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
+        algorithms: list[tuple[int, bytes]] = []
+        offset = 0
+        while offset < len(value):
+            if offset + 4 > len(value):
+                raise StunDecodeError("truncated password algorithm")
+            algorithm, length = struct.unpack_from("!HH", value, offset)
+            end = offset + 4 + length
+            if end > len(value):
+                raise StunDecodeError("truncated password algorithm parameters")
+            algorithms.append((algorithm, value[offset + 4 : end]))
+            offset = end + (-length % 4)
+        return cls(tuple(algorithms))
+
+
+ATTRIBUTE_CLASSES: dict[int, type[Attribute]] = {
+    cls.TYPE: cls
+    for cls in (
+        MappedAddress,
+        ResponseAddress,
+        ChangeRequest,
+        SourceAddress,
+        ChangedAddress,
+        Username,
+        MessageIntegrity,
+        ErrorCodeAttr,
+        UnknownAttributes,
+        ChannelNumber,
+        Lifetime,
+        XorPeerAddress,
+        Data,
+        Realm,
+        Nonce,
+        XorRelayedAddress,
+        RequestedAddressFamily,
+        EvenPort,
+        RequestedTransport,
+        DontFragment,
+        MessageIntegritySha256,
+        PasswordAlgorithm,
+        Userhash,
+        XorMappedAddress,
+        ReservationToken,
+        Priority,
+        UseCandidate,
+        Padding,
+        ResponsePort,
+        ConnectionId,
+        AdditionalAddressFamily,
+        AddressErrorCode,
+        PasswordAlgorithms,
+        AlternateDomain,
+        Icmp,
+        Software,
+        AlternateServer,
+        Fingerprint,
+        IceControlled,
+        IceControlling,
+        ResponseOrigin,
+        OtherAddress,
+    )
+}
+"""Every attribute type this codec interprets, by type number."""
