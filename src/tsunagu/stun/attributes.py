@@ -26,6 +26,7 @@ _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _U64 = struct.Struct("!Q")
 _ADDR_HEAD = struct.Struct("!BBH")
+_XOR_V4 = struct.Struct("!BBHI")  # reserved, family, port, IPv4 address
 
 
 class Attribute:
@@ -57,32 +58,36 @@ class UnknownAttribute(Attribute):
 # --- addresses (RFC 8489 §14.1, §14.2) -----------------------------------------------------
 
 
+_IPV4 = int(AddressFamily.IPV4)
+_IPV6 = int(AddressFamily.IPV6)
+_VALUE_LENGTH = {_IPV4: 8, _IPV6: 20}  # family octet -> attribute value length
+_XOR_PORT = 0x2112  # RFC 8489 §14.2: the port is XOR'd with the cookie's high 16 bits
+
+
 def _pack_ip(ip: str) -> tuple[int, bytes]:
     if ":" not in ip:
         parts = ip.split(".")
         if len(parts) == 4:
             try:
-                return AddressFamily.IPV4, bytes(int(p) for p in parts)
+                return _IPV4, bytes(map(int, parts))
             except ValueError:
                 pass
     try:
         parsed = ipaddress.ip_address(ip)
     except ValueError as exc:
         raise ValueError(f"not an IP address: {ip!r}") from exc
-    family = AddressFamily.IPV4 if parsed.version == 4 else AddressFamily.IPV6
-    return family, parsed.packed
+    return (_IPV4 if parsed.version == 4 else _IPV6), parsed.packed
 
 
 def _unpack_ip(family: int, raw: bytes) -> str:
-    if family == AddressFamily.IPV4:
+    if family == _IPV4:
         return f"{raw[0]}.{raw[1]}.{raw[2]}.{raw[3]}"
     return str(ipaddress.IPv6Address(raw))
 
 
 def _xor(data: bytes, key: bytes) -> bytes:
-    return (int.from_bytes(data, "big") ^ int.from_bytes(key[: len(data)], "big")).to_bytes(
-        len(data), "big"
-    )
+    size = len(data)
+    return (int.from_bytes(data) ^ int.from_bytes(key[:size])).to_bytes(size)
 
 
 def _encode_address(address: Address) -> bytes:
@@ -94,7 +99,7 @@ def _decode_address(value: bytes) -> tuple[int, int, bytes]:
     if len(value) < 4:
         raise StunDecodeError("address attribute too short")
     _, family, port = _ADDR_HEAD.unpack_from(value)
-    expected = {AddressFamily.IPV4: 8, AddressFamily.IPV6: 20}.get(family)
+    expected = _VALUE_LENGTH.get(family)
     if expected is None:
         raise StunDecodeError(f"unknown address family {family:#x}")
     if len(value) != expected:
@@ -120,14 +125,23 @@ class _XorAddressAttribute(Attribute):
     address: Address
 
     def encode_value(self, xor_key: bytes) -> bytes:
-        family, raw = _pack_ip(self.address[0])
+        ip, port = self.address
+        family, raw = _pack_ip(ip)
         # RFC 8489 §14.2: port xor the cookie's high 16 bits, address xor cookie(+tid).
-        return _ADDR_HEAD.pack(0, family, self.address[1] ^ 0x2112) + _xor(raw, xor_key)
+        if family == _IPV4:  # the common case, in one pack
+            mask = int.from_bytes(xor_key[:4])
+            return _XOR_V4.pack(0, _IPV4, port ^ _XOR_PORT, int.from_bytes(raw) ^ mask)
+        return _ADDR_HEAD.pack(0, family, port ^ _XOR_PORT) + _xor(raw, xor_key)
 
     @classmethod
     def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
+        if len(value) == 8 and value[1] == _IPV4:  # the common case, without slicing
+            _, _, port, n = _XOR_V4.unpack(value)
+            n ^= int.from_bytes(xor_key[:4])
+            ip = f"{n >> 24}.{(n >> 16) & 0xFF}.{(n >> 8) & 0xFF}.{n & 0xFF}"
+            return cls((ip, port ^ _XOR_PORT))
         family, port, raw = _decode_address(value)
-        return cls((_unpack_ip(family, _xor(raw, xor_key)), port ^ 0x2112))
+        return cls((_unpack_ip(family, _xor(raw, xor_key)), port ^ _XOR_PORT))
 
 
 class MappedAddress(_PlainAddressAttribute):

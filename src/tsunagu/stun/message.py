@@ -9,6 +9,7 @@ which key applies (a server learns the key from USERNAME inside the same message
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import secrets
 import struct
@@ -21,6 +22,7 @@ from tsunagu.stun.attributes import (
     ATTRIBUTE_CLASSES,
     Attribute,
     ErrorCodeAttr,
+    Fingerprint,
     UnknownAttribute,
 )
 from tsunagu.stun.constants import (
@@ -39,14 +41,24 @@ A = TypeVar("A", bound=Attribute)
 IntegrityAlgorithm = Literal["sha1", "sha256"]
 
 _HEADER = struct.Struct("!HHI")
-_ATTR_HEAD = struct.Struct("!HH")
-_MI_TYPE = AttrType.MESSAGE_INTEGRITY
-_MI256_TYPE = AttrType.MESSAGE_INTEGRITY_SHA256
-_FP_TYPE = AttrType.FINGERPRINT
+_ATTR_HEAD = struct.Struct("!HH")  # also the first half of the header: type, length
+_U32 = struct.Struct("!I")
+# Plain ints: they are compared with the plain ints struct unpacks from the wire.
+_MI_TYPE = int(AttrType.MESSAGE_INTEGRITY)
+_MI256_TYPE = int(AttrType.MESSAGE_INTEGRITY_SHA256)
+_FP_TYPE = int(AttrType.FINGERPRINT)
 _COMPUTED = frozenset((_MI_TYPE, _MI256_TYPE, _FP_TYPE))
 _MI_HEAD = _ATTR_HEAD.pack(_MI_TYPE, 20)
 _MI256_HEAD = _ATTR_HEAD.pack(_MI256_TYPE, 32)
 _FP_HEAD = _ATTR_HEAD.pack(_FP_TYPE, 4)
+_CLASSES = tuple(MessageClass(value) for value in range(4))
+_PADDING = (b"", b"\x00\x00\x00", b"\x00\x00", b"\x00")  # by value length & 3
+# RFC 2104 HMAC, computed with hashlib directly: OpenSSL 3's one-shot HMAC (what hmac.digest
+# calls) costs more than twice the two hash computations it stands for, and a STUN agent
+# runs one HMAC per message it sends or checks. SHA-1 and SHA-256 both have 64-byte blocks.
+_HMAC_BLOCK = 64
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
 
 
 def encode_message_type(method: int, message_class: int) -> int:
@@ -79,7 +91,16 @@ def fingerprint(data: bytes) -> int:
 
 
 def _hmac(key: bytes, data: bytes, algorithm: IntegrityAlgorithm) -> bytes:
-    return hmac.digest(key, data, "sha1" if algorithm == "sha1" else "sha256")
+    """HMAC-SHA1 or HMAC-SHA256 of ``data`` (RFC 2104), equal to ``hmac.digest``."""
+    new = hashlib.sha1 if algorithm == "sha1" else hashlib.sha256
+    if len(key) > _HMAC_BLOCK:
+        key = new(key).digest()
+    key = key.ljust(_HMAC_BLOCK, b"\x00")
+    inner = new(key.translate(_IPAD))
+    inner.update(data)
+    outer = new(key.translate(_OPAD))
+    outer.update(inner.digest())
+    return outer.digest()
 
 
 class Message:
@@ -174,41 +195,56 @@ class Message:
         """Serialise; with ``integrity_key`` append MESSAGE-INTEGRITY (or -SHA256), then
         FINGERPRINT when asked. Such attributes in ``attributes`` are recomputed, not copied.
         """
-        head = MAGIC_COOKIE_BYTES + self.transaction_id if not self.legacy else self.transaction_id
-        xor_key = head
+        if integrity not in ("sha1", "sha256"):
+            raise ValueError(f"unknown integrity algorithm {integrity!r}")
+        head = self.transaction_id if self.legacy else MAGIC_COOKIE_BYTES + self.transaction_id
         parts: list[bytes] = []
+        append = parts.append
+        pack = _ATTR_HEAD.pack
+        computed = _COMPUTED
         for attribute in self.attributes:
             if isinstance(attribute, UnknownAttribute):
                 attr_type, value = attribute.attr_type, attribute.value
             else:
                 attr_type = attribute.TYPE
-                if attr_type in _COMPUTED:
+                if attr_type in computed:
                     continue
-                value = attribute.encode_value(xor_key)
+                value = attribute.encode_value(head)
             length = len(value)
             if length > 0xFFFF:
                 raise ValueError("attribute value longer than 65535 bytes")
-            parts.append(_ATTR_HEAD.pack(attr_type, length))
-            parts.append(value)
+            append(pack(attr_type, length))
+            append(value)
             if length & 3:
-                parts.append(b"\x00" * (4 - (length & 3)))
+                append(_PADDING[length & 3])
         body = b"".join(parts)
-        message_type = encode_message_type(self.method, self.message_class)
+        method = self.method
+        message_type = (  # encode_message_type(), inlined
+            (method & 0x000F)
+            | ((method & 0x0070) << 1)
+            | ((method & 0x0F80) << 2)
+            | ((self.message_class & 0b01) << 4)
+            | ((self.message_class & 0b10) << 7)
+        )
         length = len(body)
+        sha256 = integrity == "sha256"
+        total = length
+        if integrity_key is not None:
+            total += 36 if sha256 else 24
+        if fingerprint:
+            total += 8
+        if total > 0xFFFF:
+            raise ValueError("message longer than 65535 bytes")
         if integrity_key is not None:
             # RFC 8489 §14.5: the length covers up to and including the integrity attribute
             # while hashing; FINGERPRINT (if any) is counted afterwards.
-            length += 36 if integrity == "sha256" else 24
-            data = _HEADER.pack(message_type, length, 0)[:4] + head + body
-            mac = _hmac(integrity_key, data, integrity)
-            body += (_MI256_HEAD if integrity == "sha256" else _MI_HEAD) + mac
+            length += 36 if sha256 else 24
+            mac = _hmac(integrity_key, pack(message_type, length) + head + body, integrity)
+            body += (_MI256_HEAD if sha256 else _MI_HEAD) + mac
         if fingerprint:
-            length += 8
-            data = _HEADER.pack(message_type, length, 0)[:4] + head + body
-            return data + _FP_HEAD + struct.pack("!I", zlib.crc32(data) ^ FINGERPRINT_XOR)
-        if length > 0xFFFF:
-            raise ValueError("message longer than 65535 bytes")
-        return _HEADER.pack(message_type, length, 0)[:4] + head + body
+            data = pack(message_type, length + 8) + head + body
+            return data + _FP_HEAD + _U32.pack(zlib.crc32(data) ^ FINGERPRINT_XOR)
+        return pack(message_type, length) + head + body
 
     # -- decoding -------------------------------------------------------------------------
 
@@ -222,7 +258,6 @@ class Message:
         size = len(data)
         if size < HEADER_LENGTH:
             raise StunDecodeError("shorter than a STUN header")
-        data = bytes(data)
         message_type, length, cookie = _HEADER.unpack_from(data)
         if message_type & 0xC000:
             raise StunDecodeError("the two most significant bits must be zero")
@@ -230,20 +265,35 @@ class Message:
             raise StunDecodeError("length is not a multiple of 4")
         if length + HEADER_LENGTH != size:
             raise StunDecodeError("length field does not match the datagram")
-        method, message_class = decode_message_type(message_type)
+        # Copy (a bytearray or memoryview) only once the framing is known to be right.
+        data = bytes(data)
         legacy = cookie != MAGIC_COOKIE
         xor_key = data[4:20]
-        message = cls(method, message_class, xor_key if legacy else data[8:20], legacy=legacy)
+        # Built without __init__: the transaction ID length holds by construction.
+        message = cls.__new__(cls)
+        message.method = (  # decode_message_type(), inlined
+            (message_type & 0x000F)
+            | ((message_type & 0x00E0) >> 1)
+            | ((message_type & 0x3E00) >> 2)
+        )
+        message.message_class = _CLASSES[((message_type >> 4) & 1) | ((message_type >> 7) & 2)]
+        message.transaction_id = xor_key if legacy else data[8:20]
+        message.legacy = legacy
         message.raw = data
-        attributes = message.attributes
-        offsets = message._integrity_offsets
+        attributes: list[Attribute] = []
+        message.attributes = attributes
+        offsets: list[tuple[int, int]] = []
+        message._integrity_offsets = offsets
+        append = attributes.append
+        unpack_from = _ATTR_HEAD.unpack_from
         classes = ATTRIBUTE_CLASSES
+        computed = _COMPUTED
         offset = HEADER_LENGTH
         seen_integrity = seen_sha256 = seen_fingerprint = False
+        # ``size`` and every ``offset`` are multiples of 4 (checked above; each step below
+        # is 4 + the padded value length), so a whole attribute header is always present.
         while offset < size:
-            if offset + 4 > size:
-                raise StunDecodeError("truncated attribute header")
-            attr_type, attr_length = _ATTR_HEAD.unpack_from(data, offset)
+            attr_type, attr_length = unpack_from(data, offset)
             start = offset + 4
             end = start + attr_length
             if end > size:
@@ -251,30 +301,36 @@ class Message:
             next_offset = end + (-attr_length & 3)
             if seen_fingerprint:
                 raise StunDecodeError("attribute after FINGERPRINT")
-            value = data[start:end]
-            if attr_type == _FP_TYPE:
-                if len(value) != 4:
-                    raise StunDecodeError("FINGERPRINT must be 4 bytes")
-                expected = zlib.crc32(data[:offset]) ^ FINGERPRINT_XOR
-                if struct.unpack("!I", value)[0] != expected:
-                    raise StunDecodeError("FINGERPRINT does not match")
-                seen_fingerprint = True
-            elif seen_sha256 or (seen_integrity and attr_type != _MI256_TYPE):
-                # RFC 8489 §14.5/§14.6: ignore everything after the integrity attribute(s)
-                # except MESSAGE-INTEGRITY-SHA256 and FINGERPRINT.
+            if attr_type in computed:
+                if attr_type == _FP_TYPE:
+                    if attr_length != 4:
+                        raise StunDecodeError("FINGERPRINT must be 4 bytes")
+                    expected = zlib.crc32(data[:offset]) ^ FINGERPRINT_XOR
+                    if _U32.unpack_from(data, start)[0] != expected:
+                        raise StunDecodeError("FINGERPRINT does not match")
+                    seen_fingerprint = True
+                    append(Fingerprint(expected))
+                    offset = next_offset
+                    continue
+                elif seen_sha256 or (seen_integrity and attr_type == _MI_TYPE):
+                    # RFC 8489 §14.5/§14.6: ignore everything after the integrity
+                    # attribute(s) except MESSAGE-INTEGRITY-SHA256 and FINGERPRINT.
+                    offset = next_offset
+                    continue
+                elif attr_type == _MI_TYPE:
+                    seen_integrity = True
+                    offsets.append((offset, attr_type))
+                else:
+                    seen_sha256 = True
+                    offsets.append((offset, attr_type))
+            elif seen_integrity or seen_sha256:
                 offset = next_offset
                 continue
-            elif attr_type == _MI_TYPE:
-                seen_integrity = True
-                offsets.append((offset, attr_type))
-            elif attr_type == _MI256_TYPE:
-                seen_sha256 = True
-                offsets.append((offset, attr_type))
             attr_class = classes.get(attr_type)
             if attr_class is None:
-                attributes.append(UnknownAttribute(attr_type, value))
+                append(UnknownAttribute(attr_type, data[start:end]))
             else:
-                attributes.append(attr_class.decode_value(value, xor_key))
+                append(attr_class.decode_value(data[start:end], xor_key))
             offset = next_offset
         if offset != size:
             raise StunDecodeError("padding runs past the end of the message")
@@ -288,13 +344,11 @@ class Message:
             return False
         offset, attr_type = self._integrity_offsets[-1]
         value_length = _ATTR_HEAD.unpack_from(raw, offset)[1]
-        received = raw[offset + 4 : offset + 4 + value_length]
+        end = offset + 4 + value_length
         # Patch the header length to end just after the integrity attribute (§14.5).
-        adjusted = raw[:2] + struct.pack("!H", offset + 4 + value_length - HEADER_LENGTH)
-        digest = _hmac(
-            key, adjusted + raw[4:offset], "sha256" if attr_type == _MI256_TYPE else "sha1"
-        )
-        return hmac.compare_digest(digest[: len(received)], received)
+        covered = raw[:2] + (end - HEADER_LENGTH).to_bytes(2, "big") + raw[4:offset]
+        digest = _hmac(key, covered, "sha256" if attr_type == _MI256_TYPE else "sha1")
+        return hmac.compare_digest(digest[:value_length], raw[offset + 4 : end])
 
 
 # -- building replies -----------------------------------------------------------------------
