@@ -3,8 +3,8 @@
 # whole suite. .ci/run calls exactly this.
 . "$(dirname "$0")/bootstrap.sh" test
 # coturn: interop peer and benchmark anchor; gcc: the benchmark's C load generator;
-# iproute2/nftables/iptables: network-namespace NAT tests.
-apt_install coturn gcc libc6-dev iproute2 nftables iptables
+# iproute2/nftables/iptables: network-namespace NAT tests; chromium: browser interop.
+apt_install coturn gcc libc6-dev iproute2 nftables iptables chromium
 echo "== ruff"; .venv/bin/ruff check src tests bench fuzz
 echo "== ruff format"; .venv/bin/ruff format --check src tests bench fuzz
 echo "== mypy --strict"; .venv/bin/mypy

@@ -372,13 +372,13 @@ def test_every_mapping_and_filtering_combination(
 @pytest.mark.parametrize(
     ("mapping", "filtering", "expected"),
     [
-        (EIM, EIF, "direct connections will work with most peers"),
-        (EIM, ADF, "direct connections will work with most peers"),
-        (EIM, APDF, "you will need TURN for peers behind address-and-port-dependent mapping"),
-        (ADM, EIF, "you will need TURN for peers behind similar NATs"),
-        (ADM, APDF, "you will need TURN for peers behind similar NATs"),
-        (APDM, EIF, "you will need TURN for peers behind similar NATs"),
-        (APDM, APDF, "you will need TURN for peers behind similar NATs"),
+        (EIM, EIF, "direct connections will work with peers behind any kind of NAT"),
+        (EIM, ADF, "direct connections will work with peers behind any kind of NAT"),
+        (EIM, APDF, "direct connections work only with 3 of 9 NAT types (not ADM/EIF,"),
+        (ADM, EIF, "most peers (8 of 9 NAT types); you will need TURN for peers behind EIM/APDF"),
+        (ADM, APDF, "direct connections work only with 4 of 9 NAT types (not EIM/APDF, ADM/ADF"),
+        (APDM, EIF, "most peers (8 of 9 NAT types); you will need TURN for peers behind EIM/APDF"),
+        (APDM, APDF, "direct connections work only with 4 of 9 NAT types (not EIM/APDF, ADM/ADF"),
     ],
 )
 def test_verdicts(mapping: MappingBehavior, filtering: FilteringBehavior, expected: str) -> None:

@@ -25,19 +25,16 @@ import contextlib
 import dataclasses
 import errno
 import logging
-import os
-import select
 import signal
 import socket
 import ssl
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self, cast
 
 from tsunagu.aio.loop import run
+from tsunagu.aio.workers import Supervisor, WorkerContext
 from tsunagu.errors import StunDecodeError
 from tsunagu.stun.attributes import Address
 from tsunagu.stun.framing import StreamFramer
@@ -54,10 +51,7 @@ _BIND_ATTEMPTS = 32  # ephemeral port groups retried when a companion port is ta
 _UDP_BUFFER = 1 << 21  # ask for 2 MiB socket buffers; the kernel caps at its rmem_max
 _UDP_BATCH = 64  # datagrams read per readiness callback before other sockets get a turn
 _MAX_DATAGRAM = 65536  # read buffer: no UDP payload is larger, so none is truncated
-_READY_TIMEOUT = 30.0  # seconds the supervisor waits for its workers to listen
 _STOP_TIMEOUT = 10.0  # seconds workers get to exit after SIGTERM before SIGKILL
-_RESTART_WINDOW = 60.0  # crash-loop guard: at most _MAX_RESTARTS within this many seconds
-_MAX_RESTARTS = 5
 
 
 # -- binding ---------------------------------------------------------------------------------
@@ -531,184 +525,27 @@ def serve(config: StunServerConfig, announce: Callable[[str], None]) -> int:
     ``announce`` receives :meth:`StunServer.listening_line` once every socket of every
     worker is listening. With ``workers > 1`` this process forks the workers, each binding
     the same ports with SO_REUSEPORT, restarts any that dies (at most five times a minute),
-    and forwards SIGTERM to them when told to stop.
+    and forwards SIGTERM to them when told to stop (:class:`~tsunagu.aio.workers.Supervisor`).
     """
     try:
         if config.workers == 1:
             return run(_serve_until_signalled(config, announce, reuse_port=False))
-        return _Supervisor(config, announce).run()
-    except (OSError, ssl.SSLError) as exc:
-        logger.error("%s", exc)
-        return 1
-
-
-class _Supervisor:
-    """The parent of ``workers`` forked server processes (POSIX only)."""
-
-    def __init__(self, config: StunServerConfig, announce: Callable[[str], None]) -> None:
-        self.config = config
-        self.announce = announce
-        self.children: set[int] = set()
-        self.restarts: list[float] = []
-        self.stopping = False
-        self.held: list[tuple[_Spec, socket.socket]] = []
-        self.ready_r = self.ready_w = self.wake_r = self.wake_w = -1
-
-    def run(self) -> int:
-        config = self.config
+        held: list[socket.socket] = []
         if any(port == 0 for _, port in (*config.listen, *config.tls_listen)) or (
             config.other is not None and config.other[1] == 0
         ):
             # Choose the ephemeral ports once, here, so that every worker binds the same
             # ones; hold them (SO_REUSEPORT) until the workers have bound them too.
-            self.held, self.config = _bind_plan(config, reuse_port=True)
-        self.ready_r, self.ready_w = os.pipe()
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(self.wake_w, False)
-        # Signals wake select() through this pipe (PEP 475 would otherwise resume it).
-        previous_wakeup = signal.set_wakeup_fd(self.wake_w)
-        handlers = {
-            signum: signal.signal(signum, self._on_signal)
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
-        }
-        try:
-            for _ in range(self.config.workers):
-                self._spawn()
-            status = self._await_ready()
-            self._release_held()
-            if status == 0:
-                status = self._supervise()
-        finally:
-            self._release_held()
-            self._stop_children()
-            signal.set_wakeup_fd(previous_wakeup)
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
-            for fd in (self.ready_r, self.ready_w, self.wake_r, self.wake_w):
-                os.close(fd)
-        return status
+            bound, config = _bind_plan(config, reuse_port=True)
+            held = [sock for _, sock in bound]
+        resolved = config
 
-    def _release_held(self) -> None:
-        for _, sock in self.held:
-            sock.close()
-        self.held = []
+        def worker(context: WorkerContext, ready: Callable[[str], None]) -> int:
+            return run(_serve_until_signalled(resolved, ready, reuse_port=True))
 
-    def _on_signal(self, signum: int, frame: object) -> None:
-        if signum != signal.SIGCHLD:
-            self.stopping = True
-
-    def _spawn(self) -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the worker; it must never return into the supervisor's code
-            status = 1
-            try:
-                signal.set_wakeup_fd(-1)
-                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-                    signal.signal(signum, signal.SIG_DFL)
-                for fd in (self.ready_r, self.wake_r, self.wake_w):
-                    os.close(fd)
-                # The supervisor's port-holding sockets came along with fork(): a copy
-                # left open here would take its share of SO_REUSEPORT traffic, unread.
-                self._release_held()
-                ready_w = self.ready_w
-
-                def ready(line: str) -> None:
-                    os.write(ready_w, (line + "\n").encode())
-
-                status = run(_serve_until_signalled(self.config, ready, reuse_port=True))
-            except BaseException as exc:
-                logger.error("worker %d: %s", os.getpid(), exc)
-            finally:
-                logging.shutdown()
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(status)
-        self.children.add(pid)
-        logger.debug("worker %d started", pid)
-
-    def _wait(self, timeout: float) -> bytes:
-        """Sleep until a signal, readiness output of a worker or ``timeout``; returns what
-        the workers wrote (b"" if nothing)."""
-        readable, _, _ = select.select([self.ready_r, self.wake_r], [], [], max(0.0, timeout))
-        if self.wake_r in readable:
-            _drain(self.wake_r)
-        return os.read(self.ready_r, 65536) if self.ready_r in readable else b""
-
-    def _await_ready(self) -> int:
-        """Read one readiness line per worker and announce the first; 1 if a worker fails
-        or the workers are not listening within _READY_TIMEOUT."""
-        lines: list[bytes] = []
-        buffer = b""
-        deadline = time.monotonic() + _READY_TIMEOUT
-        while len(lines) < self.config.workers:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self.stopping:
-                logger.error("workers did not start listening")
-                return 1
-            buffer += self._wait(remaining)
-            *complete, buffer = buffer.split(b"\n")
-            lines += complete
-            if self._reap():
-                logger.error("a worker exited before listening")
-                return 1
-        self.announce(lines[0].decode())
-        return 0
-
-    def _supervise(self) -> int:
-        while not self.stopping:
-            self._wait(1.0)  # wakes on signals; discards readiness of restarted workers
-            for pid in self._reap():
-                if self.stopping:
-                    break
-                now = time.monotonic()
-                self.restarts = [t for t in self.restarts if now - t < _RESTART_WINDOW]
-                if len(self.restarts) >= _MAX_RESTARTS:
-                    logger.error("workers keep dying; giving up")
-                    return 1
-                self.restarts.append(now)
-                logger.warning("worker %d exited; starting another", pid)
-                self._spawn()
-        logger.info("stopping %d workers", len(self.children))
-        return 0
-
-    def _reap(self) -> list[int]:
-        """Collect exited workers without blocking."""
-        exited: list[int] = []
-        while self.children:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                self.children.clear()
-                break
-            if pid == 0:
-                break
-            if pid in self.children:
-                self.children.discard(pid)
-                exited.append(pid)
-        return exited
-
-    def _stop_children(self) -> None:
-        """Forward SIGTERM; SIGKILL whoever is still there after _STOP_TIMEOUT."""
-        for pid in self.children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + _STOP_TIMEOUT
-        while self.children and time.monotonic() < deadline:
-            self._reap()
-            if self.children:
-                self._wait(min(0.1, deadline - time.monotonic()))
-        for pid in self.children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-        self.children.clear()
-
-
-def _drain(fd: int) -> None:
-    with contextlib.suppress(BlockingIOError):
-        while os.read(fd, 4096):
-            pass
+        return Supervisor(
+            config.workers, worker, announce, held=held, stop_timeout=_STOP_TIMEOUT
+        ).run()
+    except (OSError, ssl.SSLError) as exc:
+        logger.error("%s", exc)
+        return 1

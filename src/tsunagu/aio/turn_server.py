@@ -13,30 +13,61 @@ Sockets:
   core asks (:class:`RelaySockets` is the core's :class:`~tsunagu.turn.relay.RelayBinder`).
 
 UDP sockets are read with ``loop.add_reader`` and ``recvfrom`` in bounded batches, which
-avoids a transport object per relay socket and keeps the relay path short. A send error
-towards one peer (ICMP unreachable, EMSGSIZE with DF set, ...) is counted and dropped: it
-never stops an allocation from relaying to its other peers. Towards a TCP/TLS client whose
-connection cannot keep up, relayed data beyond a bounded write buffer is dropped, as UDP
-would drop it.
+avoids a transport object per relay socket and keeps the relay path short: ChannelData,
+the usual Send indications and datagrams from peers go through the core's fast paths
+(``relay_udp_channel_data``, ``relay_udp_send_indication``, ``relay_peer_datagram``) and
+straight to a socket, with no message objects. A send error towards one peer (ICMP
+unreachable, EMSGSIZE with DF set, ...) is counted and dropped: it never stops an
+allocation from relaying to its other peers. Towards a TCP/TLS client whose connection
+cannot keep up, relayed data beyond a bounded write buffer is dropped, as UDP would drop
+it.
+
+ICMP (RFC 8656 §11.5): on Linux relay sockets set IP_RECVERR / IPV6_RECVERR, and the
+errors the kernel queues for them (read with MSG_ERRQUEUE) go to the core, which relays
+them to the client as Data indications with an ICMP attribute.
+
+Operations: structured log lines (:class:`LogEvent`, text or :class:`JsonFormatter`);
+``config.metrics`` serves Prometheus ``/metrics`` and ``/healthz`` from a thread
+(:class:`MetricsEndpoint`), the numbers read from the core at scrape time on the loop
+(:meth:`TurnServer.metrics_snapshot`), so the relay path only increments integers. As one
+worker of ``--workers`` (:mod:`tsunagu.aio.workers`), a server relays from its slice of
+the port range, steers clients to workers by source address (SO_ATTACH_REUSEPORT_CBPF),
+answers the supervisor's metrics queries, and hands an RFC 6062 ConnectionBind for another
+worker's CONNECTION-ID to that worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import ctypes
+import dataclasses
+import datetime
 import errno
 import functools
+import http.server
+import json
 import logging
+import os
 import socket
 import ssl
+import struct
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, cast
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from tsunagu.aio.workers import WorkerContext
 from tsunagu.errors import StunDecodeError
+from tsunagu.stun.attributes import ConnectionId
+from tsunagu.stun.message import Message
 from tsunagu.turn.auth import UserKeys
 from tsunagu.turn.config import TurnServerConfig, format_address
 from tsunagu.turn.events import (
@@ -58,7 +89,19 @@ from tsunagu.turn.events import (
 from tsunagu.turn.server import TurnServerCore, build_users
 from tsunagu.turn.transport import Address, FiveTuple, Transport
 
-__all__ = ["RelaySockets", "TurnServer"]
+__all__ = [
+    "JsonFormatter",
+    "LogEvent",
+    "MetricsEndpoint",
+    "RelaySockets",
+    "TurnCollector",
+    "TurnServer",
+    "configure_logging",
+    "hold_listening_ports",
+    "merge_snapshots",
+    "render_metrics",
+    "worker_for_ip",
+]
 
 log = logging.getLogger("tsunagu.turn")
 
@@ -68,6 +111,12 @@ _IP_MTU_DISCOVER = 10
 _IP_PMTUDISC_DONT = 0
 _IP_PMTUDISC_DO = 2
 _IPV6_DONTFRAG = getattr(socket, "IPV6_DONTFRAG", 62)
+_IP_RECVERR = 11
+_IPV6_RECVERR = 25
+_SOCK_EXTENDED_ERR = struct.Struct("=IBBBBII")  # <linux/errqueue.h> sock_extended_err
+_SO_EE_ORIGIN_ICMP = 2
+_SO_EE_ORIGIN_ICMP6 = 3
+_ERRQUEUE_BATCH = 16  # queued ICMP errors read per readiness callback
 
 _RECV_BATCH = 64  # datagrams read per readiness callback: bounded, and fair to other sockets
 _RECV_SIZE = 65535
@@ -78,17 +127,23 @@ _PORT_ATTEMPTS = 16  # tries to find a port free for both UDP and TCP when asked
 _HOUSEKEEPING_PERIOD = 5.0  # seconds between idle-connection sweeps
 _PIPE_HOLD_LIMIT = 1 << 18  # RFC 6062 bytes held per side until the splice, then paused
 _ACCEPT_BATCH = 16  # peer connections accepted per readiness callback
+_CALL_TIMEOUT = 2.0  # seconds the metrics thread waits for the event loop's answer
+_HANDOFF = b"C"  # mailbox post: an RFC 6062 data connection for the owning worker
+_CONNECTION_BIND_REQUEST = b"\x00\x0b"  # STUN message type: ConnectionBind request
+_SEND_INDICATION = b"\x00\x16"  # STUN message type: Send indication
 
 
 def _family(ip: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in ip else socket.AF_INET
 
 
-def _udp_socket(address: Address) -> socket.socket:
+def _udp_socket(address: Address, reuse_port: bool = False) -> socket.socket:
     sock = socket.socket(_family(address[0]), socket.SOCK_DGRAM)
     try:
         if sock.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
@@ -100,10 +155,12 @@ def _udp_socket(address: Address) -> socket.socket:
     return sock
 
 
-def _tcp_socket(address: Address) -> socket.socket:
+def _tcp_socket(address: Address, reuse_port: bool = False) -> socket.socket:
     sock = socket.socket(_family(address[0]), socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if sock.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address)
@@ -137,13 +194,113 @@ def _bound(sock: socket.socket) -> Address:
     return name[0], name[1]
 
 
+# Classic BPF for SO_ATTACH_REUSEPORT_CBPF (<linux/filter.h>): pick the worker by the
+# client's IP address, so that all of one host's connections and datagrams reach the same
+# worker (see :func:`worker_for_ip`).
+_SO_ATTACH_REUSEPORT_CBPF = 51
+_SKF_NET_OFF = -0x100000
+_AFFINITY_MULTIPLIER = 0x9E3779B1
+
+
+def _affinity_program(workers: int, ipv6: bool) -> bytes:
+    """The BPF instructions: load the source address word(s), hash, modulo ``workers``."""
+    net = _SKF_NET_OFF & 0xFFFFFFFF
+    # IPv4: ld [source address]. IPv6: the last 64 bits of the source address (offset 8 + 8
+    # in the header), folded: ld; tax; ld; xor x.
+    ipv4_load = [(0x20, net + 12)]
+    ipv6_load = [(0x20, net + 20), (0x07, 0), (0x20, net + 16), (0xAC, 0)]
+    load = ipv6_load if ipv6 else ipv4_load
+    code = [
+        *load,
+        (0x24, _AFFINITY_MULTIPLIER),  # mul
+        (0x74, 16),  # rsh
+        (0x94, workers),  # mod
+        (0x16, 0),  # ret a
+    ]
+    return b"".join(struct.pack("=HBBI", op, 0, 0, k) for op, k in code)
+
+
+def worker_for_ip(ip: str, workers: int) -> int:
+    """The slot of the SO_REUSEPORT group (one socket per worker, in the order they bound
+    it) that the kernel gives traffic from ``ip`` once every worker is listening: what
+    :func:`_steer_by_source` programs. Two addresses with different slots reach different
+    workers."""
+    packed = socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
+    if len(packed) == 16:
+        word = int.from_bytes(packed[12:16]) ^ int.from_bytes(packed[8:12])
+    else:
+        word = int.from_bytes(packed)
+    return ((word * _AFFINITY_MULTIPLIER & 0xFFFFFFFF) >> 16) % workers
+
+
+def _steer_by_source(sock: socket.socket, workers: int) -> bool:
+    """Attach the source-address affinity program to ``sock``'s SO_REUSEPORT group (Linux;
+    False elsewhere or if refused, leaving the kernel's 4-tuple hash)."""
+    if not _LINUX:
+        return False
+    program = _affinity_program(workers, sock.family == socket.AF_INET6)
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = struct.pack("@HP", len(program) // 8, ctypes.addressof(buffer))  # sock_fprog
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_REUSEPORT_CBPF, fprog)
+    except OSError as exc:
+        log.warning(LogEvent("affinity-unavailable", error=str(exc)))
+        return False
+    return True
+
+
+def _bind_pair(address: Address, reuse_port: bool = False) -> tuple[socket.socket, socket.socket]:
+    """UDP and TCP sockets on the same address and port (RFC 8656 §4.1: TURN over UDP and
+    TCP share the port)."""
+    attempts = _PORT_ATTEMPTS if address[1] == 0 else 1
+    for attempt in range(attempts):
+        udp = _udp_socket(address, reuse_port)
+        try:
+            return udp, _tcp_socket(_bound(udp), reuse_port)
+        except OSError as exc:
+            udp.close()
+            if exc.errno != errno.EADDRINUSE or attempt == attempts - 1:
+                raise
+    raise OSError(errno.EADDRINUSE, f"no port free for UDP and TCP on {address[0]}")
+
+
+def hold_listening_ports(config: TurnServerConfig) -> tuple[list[socket.socket], TurnServerConfig]:
+    """For a supervisor of ``--workers``: bind the listening addresses given with port 0
+    (SO_REUSEPORT) so that every worker binds the same ports; returns the sockets to hold
+    until the workers listen, and the configuration with those ports filled in."""
+    held: list[socket.socket] = []
+    try:
+        listen: list[Address] = []
+        for address in config.listen:
+            if address[1] == 0:
+                udp, tcp = _bind_pair(address, reuse_port=True)
+                held += [udp, tcp]
+                listen.append(_bound(udp))
+            else:
+                listen.append(address)
+        tls_listen: list[Address] = []
+        for address in config.tls_listen:
+            if address[1] == 0:
+                tls = _tcp_socket(address, reuse_port=True)
+                held.append(tls)
+                tls_listen.append(_bound(tls))
+            else:
+                tls_listen.append(address)
+    except BaseException:
+        for sock in held:
+            sock.close()
+        raise
+    return held, dataclasses.replace(config, listen=tuple(listen), tls_listen=tuple(tls_listen))
+
+
 class _UdpEndpoint:
     """A bound UDP socket: a listening socket or a relay socket."""
 
-    __slots__ = ("address", "dont_fragment", "sock")
+    __slots__ = ("address", "dont_fragment", "sendto", "sock")
 
     def __init__(self, sock: socket.socket, address: Address) -> None:
         self.sock = sock
+        self.sendto = sock.sendto
         self.address = address
         self.dont_fragment = False
 
@@ -177,6 +334,13 @@ class RelaySockets:
                 log.warning("relay bind %s failed: %s", format_address(address), exc)
             return False
         endpoint = _UdpEndpoint(sock, address)
+        if _LINUX:
+            # RFC 8656 §11.5: queue ICMP errors for the socket (read with MSG_ERRQUEUE).
+            with contextlib.suppress(OSError):
+                if sock.family == socket.AF_INET:
+                    sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+                else:
+                    sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
         if _LINUX and sock.family == socket.AF_INET:
             endpoint.set_dont_fragment(False)  # Linux sets DF by default; only when asked
         server = self._server
@@ -294,7 +458,9 @@ class _Connection(_Pipe):
     """One TCP or TLS client connection: frames its byte stream for the core, or, as an
     RFC 6062 data connection, pipes it to a peer connection."""
 
-    def __init__(self, server: TurnServer, kind: Transport) -> None:
+    def __init__(self, server: TurnServer, kind: Transport, initial: bytes | None = None) -> None:
+        """``initial``: bytes another worker read from this connection before handing it
+        over (RFC 6062 routing, see :meth:`TurnServer._route_connection_bind`)."""
         super().__init__()
         self._server = server
         self.kind = kind
@@ -303,6 +469,10 @@ class _Connection(_Pipe):
         self.local: Address = ("", 0)
         self.remote: Address = ("", 0)
         self.last_active = 0.0
+        self._initial = initial
+        # Only the first frame of a TCP connection accepted here may be routed elsewhere
+        # (a TLS session cannot be passed to another process).
+        self.fresh = initial is None and server._routes_connection_binds and kind is Transport.TCP
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         server = self._server
@@ -317,6 +487,9 @@ class _Connection(_Pipe):
         self.remote = (peername[0], peername[1])
         self.last_active = server._loop.time()
         server._connections[(self.kind, self.local, self.remote)] = self
+        if self._initial:
+            initial, self._initial = self._initial, None
+            self.data_received(initial)
 
     def data_received(self, data: bytes) -> None:
         if self.raw:
@@ -331,6 +504,12 @@ class _Connection(_Pipe):
         five_tuple = FiveTuple(self.kind, self.remote, self.local)
         try:
             while (frame := framer.next_frame()) is not None:  # bounded by the data read
+                if self.fresh:
+                    self.fresh = False
+                    owner = server._connection_bind_owner(frame)
+                    if owner is not None:  # RFC 6062 §5.4 on another worker's CONNECTION-ID
+                        server._hand_off(self, owner, frame + framer.take_rest())
+                        return
                 core.handle_datagram(frame, self.local, self.remote, now, self.kind)
                 if core.is_data_connection(five_tuple):
                     # RFC 6062 §5.4: after ConnectionBind the stream is the peer's.
@@ -385,11 +564,14 @@ class TurnServer:
         config: TurnServerConfig,
         loop: asyncio.AbstractEventLoop,
         on_event: Callable[[TurnEvent], None] | None = None,
+        worker: WorkerContext | None = None,
     ) -> None:
         """Use :meth:`start`."""
         self.config = config
         self._on_event = on_event
         self._loop = loop
+        self._worker = worker
+        self._routes_connection_binds = worker is not None and worker.count > 1
         self._udp: dict[Address, _UdpEndpoint] = {}
         self._listening_udp: list[_UdpEndpoint] = []
         self._listen_sockets: list[tuple[Transport, socket.socket]] = []
@@ -402,20 +584,28 @@ class TurnServer:
         self._peer_tasks: dict[int, asyncio.Task[None]] = {}
         self._wanted: set[int] = set()
         self._pending_splices: dict[int, _Connection] = {}
+        self._adoptions: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline: float | None = None
         self._housekeeping: asyncio.TimerHandle | None = None
         self._drained: asyncio.Event | None = None
         self._closing = False
+        self._metrics: MetricsEndpoint | None = None
         self.udp_addresses: list[Address] = []
         self.tcp_addresses: list[Address] = []
         self.tls_addresses: list[Address] = []
+        self.metrics_address: Address | None = None
+        """Where ``/metrics`` and ``/healthz`` are served (``config.metrics``, resolved)."""
         self.send_errors = 0
         """Datagrams the kernel refused to send (one peer's trouble, counted and dropped)."""
         self.stream_drops = 0
         """Frames dropped because a TCP/TLS client's write buffer was full."""
         self.errors_by_code: Counter[int] = Counter()
         """Error responses sent, by STUN error code (401/438 included)."""
+        self.auth_failures: Counter[int] = Counter()
+        """401/438 answers to requests that carried credentials (not first challenges)."""
+        self.handoffs = 0
+        """RFC 6062 data connections handed to the worker owning their CONNECTION-ID."""
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -426,25 +616,33 @@ class TurnServer:
         *,
         users: Mapping[str, UserKeys] | None = None,
         on_event: Callable[[TurnEvent], None] | None = None,
+        reuse_port: bool = False,
+        worker: WorkerContext | None = None,
     ) -> TurnServer:
         """Bind every socket and start serving. ``users`` defaults to ``config.users``
         plus the contents of ``config.users_file``; ``on_event`` receives every core event
-        after it is logged (metrics, tests). Raises OSError or ValueError."""
-        server = cls(config, asyncio.get_running_loop(), on_event)
+        after it is logged (metrics, tests). ``reuse_port`` binds the listening sockets
+        with SO_REUSEPORT; ``worker`` makes this server one of several processes
+        (``--workers``, see :mod:`tsunagu.aio.workers`): it then relays from its slice of
+        the port range and answers its mailbox. ``config.metrics`` starts the HTTP
+        metrics endpoint (never in a worker: the supervisor serves it). Raises OSError
+        or ValueError."""
+        server = cls(config, asyncio.get_running_loop(), on_event, worker)
         try:
-            await server._open(users)
+            await server._open(users, reuse_port)
         except BaseException:
             await server.close()
             raise
         return server
 
-    async def _open(self, users: Mapping[str, UserKeys] | None) -> None:
+    async def _open(self, users: Mapping[str, UserKeys] | None, reuse_port: bool) -> None:
         config = self.config
+        worker = self._worker
         if users is None:
             text = Path(config.users_file).read_text() if config.users_file else None
             users = build_users(config, text)
         for address in config.listen:
-            udp, tcp = self._bind_pair(address)
+            udp, tcp = _bind_pair(address, reuse_port)
             self._listen_sockets.append((Transport.TCP, tcp))
             endpoint = _UdpEndpoint(udp, _bound(udp))
             self._listening_udp.append(endpoint)
@@ -452,7 +650,7 @@ class TurnServer:
             self.udp_addresses.append(endpoint.address)
             self.tcp_addresses.append(_bound(tcp))
         for address in config.tls_listen:
-            tls = _tcp_socket(address)
+            tls = _tcp_socket(address, reuse_port)
             self._listen_sockets.append((Transport.TLS, tls))
             self.tls_addresses.append(_bound(tls))
         listening = [*self.udp_addresses, *self.tcp_addresses, *self.tls_addresses]
@@ -462,6 +660,9 @@ class TurnServer:
             listening=listening,
             users=users,
             unix_time_offset=time.time() - self._loop.time(),
+            relay_ports=config.worker_ports(worker.index) if worker is not None else None,
+            connection_id_shard=(worker.index, worker.count) if worker is not None else (0, 1),
+            tcp_allocations_over_tls=not self._routes_connection_binds,
         )
         context: ssl.SSLContext | None = None
         if config.tls_listen:
@@ -478,21 +679,17 @@ class TurnServer:
                 ssl_handshake_timeout=config.idle_timeout if kind is Transport.TLS else None,
             )
             self._servers.append(server)
+        if worker is not None:
+            self._loop.add_reader(worker.inbox.fileno(), self._mailbox_readable)
+            if worker.count > 1 and reuse_port:
+                for sock in [e.sock for e in self._listening_udp] + [
+                    sock for _, sock in self._listen_sockets
+                ]:
+                    _steer_by_source(sock, worker.count)
+        elif config.metrics is not None:
+            self._metrics = MetricsEndpoint(config.metrics, self._render_metrics, self._healthy)
+            self.metrics_address = self._metrics.address
         self._housekeeping = self._loop.call_later(_HOUSEKEEPING_PERIOD, self._housekeep)
-
-    def _bind_pair(self, address: Address) -> tuple[socket.socket, socket.socket]:
-        """UDP and TCP sockets on the same address and port (RFC 8656 §4.1: TURN over UDP
-        and TCP share the port)."""
-        attempts = _PORT_ATTEMPTS if address[1] == 0 else 1
-        for attempt in range(attempts):
-            udp = _udp_socket(address)
-            try:
-                return udp, _tcp_socket(_bound(udp))
-            except OSError as exc:
-                udp.close()
-                if exc.errno != errno.EADDRINUSE or attempt == attempts - 1:
-                    raise
-        raise OSError(errno.EADDRINUSE, f"no port free for UDP and TCP on {address[0]}")
 
     def stop_accepting(self) -> None:
         """Refuse new allocations (508) while existing ones keep relaying."""
@@ -514,6 +711,13 @@ class TurnServer:
         if self._closing:
             return
         self._closing = True
+        if self._metrics is not None:
+            await self._metrics.aclose()
+        if self._worker is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(self._worker.inbox.fileno())
+        for task in list(self._adoptions):
+            task.cancel()
         for handle in (self._timer, self._housekeeping):
             if handle is not None:
                 handle.cancel()
@@ -561,64 +765,293 @@ class TurnServer:
         core.update_users(users, config.auth_secrets)
         return core.update_policy(config.allow_peers, config.deny_peers, self._loop.time())
 
+    # -- metrics and health -----------------------------------------------------------------
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """Counters and gauges for ``/metrics``, read from the core at this moment (call on
+        the event loop). Plain JSON values, so that workers can send theirs to the
+        supervisor, which adds them up (:func:`merge_snapshots`)."""
+        core = self.core
+        stats = core.stats
+        permissions = channels = peer_connections = 0
+        for allocation in core.allocations():
+            permissions += len(allocation.permissions)
+            channels += len(allocation.channels)
+            peer_connections += len(allocation.connections)
+        return {
+            "allocations": core.allocation_count,
+            "permissions": permissions,
+            "channels": channels,
+            "peer_connections": peer_connections,
+            "client_connections": len(self._connections),
+            "relay_ports": core.relay_ports_in_use,
+            "packets": {"to_peer": stats.packets_to_peers, "to_client": stats.packets_to_clients},
+            "bytes": {"to_peer": stats.bytes_to_peers, "to_client": stats.bytes_to_clients},
+            "dropped": {
+                "from_client": stats.dropped_from_clients,
+                "from_peer": stats.dropped_from_peers,
+                "bandwidth": stats.dropped_bandwidth,
+                "send_error": self.send_errors,
+                "stream_full": self.stream_drops,
+            },
+            "icmp_to_clients": stats.icmp_to_clients,
+            "rate_limited": stats.rate_limited,
+            "handoffs": self.handoffs,
+            "auth_failures": {str(code): n for code, n in self.auth_failures.items()},
+            "errors": {str(code): n for code, n in self.errors_by_code.items()},
+            "draining": int(not core.accepting),
+            "workers": 1,
+        }
+
+    def _in_loop(self, function: Callable[[], Any]) -> Any:
+        """Run ``function`` on the event loop from another thread (the metrics server's)
+        and return its result; raises TimeoutError or RuntimeError (loop closed)."""
+        result: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def call() -> None:
+            try:
+                result.set_result(function())
+            except Exception as exc:  # handed to the waiting thread
+                result.set_exception(exc)
+
+        self._loop.call_soon_threadsafe(call)
+        return result.result(_CALL_TIMEOUT)
+
+    def _render_metrics(self) -> bytes:
+        return render_metrics(self._in_loop(self.metrics_snapshot))
+
+    def _healthy(self) -> bool:
+        """Serving: the loop answers and new allocations are accepted (not draining)."""
+        try:
+            return bool(self._in_loop(lambda: self.core.accepting and not self._closing))
+        except (TimeoutError, RuntimeError):
+            return False
+
+    # -- workers: mailbox and RFC 6062 routing ------------------------------------------------
+
+    def _mailbox_readable(self) -> None:
+        worker = self._worker
+        assert worker is not None
+        for mail in worker.receive():
+            if mail.kind == "query":
+                mail.reply(json.dumps(self.metrics_snapshot()).encode())
+                for fd in mail.fds:
+                    os.close(fd)
+            elif mail.body[:1] == _HANDOFF and len(mail.fds) == 1 and not self._closing:
+                self._adopt_client(mail.fds[0], mail.body[1:])
+            else:
+                for fd in mail.fds:
+                    os.close(fd)
+
+    def _connection_bind_owner(self, frame: bytes) -> int | None:
+        """RFC 6062 with several workers: the worker owning the CONNECTION-ID of a
+        ConnectionBind that arrived here as the first frame of a TCP connection, when that
+        is another worker (the kernel spreads new connections over the workers, but the
+        peer connection lives where the allocation is). None: handle it here."""
+        worker = self._worker
+        if worker is None or frame[:2] != _CONNECTION_BIND_REQUEST:
+            return None
+        try:
+            connection_id = Message.decode(frame).get(ConnectionId)
+        except StunDecodeError:
+            return None
+        if connection_id is None:
+            return None
+        owner = connection_id.value % worker.count
+        return None if owner == worker.index else owner
+
+    def _hand_off(self, connection: _Connection, owner: int, data: bytes) -> None:
+        """Pass a client TCP connection (its socket, and the bytes read from it so far) to
+        worker ``owner``; this worker forgets it without telling the core (which has no
+        state for it: the first frame was not processed here)."""
+        worker = self._worker
+        transport = connection.transport
+        assert worker is not None and transport is not None
+        del self._connections[(connection.kind, connection.local, connection.remote)]
+        sock = transport.get_extra_info("socket")
+        posted = False
+        if sock is not None:
+            fd = os.dup(sock.fileno())
+            try:
+                posted = worker.post(owner, _HANDOFF + data, [fd])
+            finally:
+                os.close(fd)
+        if posted:
+            self.handoffs += 1
+        else:
+            log.warning(LogEvent("handoff-failed", client=format_address(connection.remote)))
+        # Closing our descriptor leaves the connection open: the owner holds it now.
+        transport.abort()
+
+    def _adopt_client(self, fd: int, data: bytes) -> None:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            return
+        sock.setblocking(False)
+        task = self._loop.create_task(self._adopt(sock, data))
+        self._adoptions.add(task)
+        task.add_done_callback(self._adoptions.discard)
+
+    async def _adopt(self, sock: socket.socket, data: bytes) -> None:
+        try:
+            await self._loop.connect_accepted_socket(
+                functools.partial(_Connection, self, Transport.TCP, data), sock
+            )
+        except OSError:
+            sock.close()
+        except asyncio.CancelledError:
+            sock.close()
+            raise
+
     # -- the hot paths --------------------------------------------------------------------
 
     def _listen_readable(self, endpoint: _UdpEndpoint) -> None:
+        # The client side of the hot path: ChannelData goes straight from the core's fast
+        # path to the relay socket; everything else through handle_datagram and _flush.
         core = self.core
-        sock = endpoint.sock
+        recvfrom = endpoint.sock.recvfrom
         local = endpoint.address
         now = self._loop.time()
+        channel_data = core.relay_udp_channel_data
+        send_indication = core.relay_udp_send_indication
+        first_max = core.channel_first_byte_max
+        udp = self._udp
+        ipv4 = endpoint.sock.family == socket.AF_INET
         for _ in range(_RECV_BATCH):
             try:
-                data, remote = sock.recvfrom(_RECV_SIZE)
+                data, remote = recvfrom(_RECV_SIZE)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 break  # an ICMP error queued on the socket; the next read goes on
-            core.handle_datagram(data, local, (remote[0], remote[1]), now)
+            if not ipv4:
+                remote = (remote[0], remote[1])  # drop flow info and scope id
+            if data and 0x40 <= data[0] <= first_max:
+                target = channel_data(data, local, remote, now)
+                if target is not None:
+                    relay = udp.get(target[0])
+                    if relay is not None:
+                        if relay.dont_fragment:
+                            relay.set_dont_fragment(False)
+                        try:
+                            relay.sendto(target[2], target[1])
+                        except OSError:
+                            self._send_udp(relay, target[2], target[1], False)  # retry
+                continue
+            if data[:2] == _SEND_INDICATION:
+                sent = send_indication(data, local, remote, now)
+                if sent is not False:
+                    if sent is not None and (relay := udp.get(sent[0])) is not None:
+                        self._send_udp(relay, sent[2], sent[1], sent[3])
+                    continue
+            core.handle_datagram(data, local, remote, now)
         self._flush()
 
+    def _send_udp(
+        self, endpoint: _UdpEndpoint, data: bytes, peer: Address, dont_fragment: bool
+    ) -> None:
+        if dont_fragment != endpoint.dont_fragment:
+            endpoint.set_dont_fragment(dont_fragment)
+        try:
+            endpoint.sock.sendto(data, peer)
+        except BlockingIOError:
+            self.send_errors += 1
+        except OSError:
+            # With IP_RECVERR the kernel reports an ICMP error that came back for an
+            # earlier datagram (maybe to another peer) on the next send, and drops that
+            # send: retry once, so that one unreachable peer never costs another peer its
+            # packet.
+            try:
+                endpoint.sock.sendto(data, peer)
+            except OSError:
+                self.send_errors += 1
+
+    def _write_stream(
+        self, transport: Transport, local: Address, remote: Address, data: bytes
+    ) -> None:
+        connection = self._connections.get((transport, local, remote))
+        if connection is None or connection.transport is None:
+            return
+        stream = connection.transport
+        if stream.is_closing():
+            return
+        if stream.get_write_buffer_size() > _STREAM_WRITE_LIMIT:
+            self.stream_drops += 1
+            return
+        stream.write(data)
+
     def _relay_readable(self, endpoint: _UdpEndpoint) -> None:
+        # The peer side of the hot path: the frame for the client is sent at once.
         core = self.core
-        sock = endpoint.sock
+        recvfrom = endpoint.sock.recvfrom
         relay = endpoint.address
         now = self._loop.time()
-        for _ in range(_RECV_BATCH):
+        relay_peer_datagram = core.relay_peer_datagram
+        udp = self._udp
+        ipv4 = endpoint.sock.family == socket.AF_INET
+        for n in range(_RECV_BATCH):
             try:
-                data, peer = sock.recvfrom(_RECV_SIZE)
+                data, peer = recvfrom(_RECV_SIZE)
             except (BlockingIOError, InterruptedError):
+                if n == 0 and _LINUX:
+                    # Woken with nothing to read: an ICMP error is queued (EPOLLERR) whose
+                    # pending error a send already reported.
+                    self._read_icmp_errors(endpoint, now)
                 break
-            except OSError:
-                break
-            core.handle_peer_datagram(data, relay, (peer[0], peer[1]), now)
+            except OSError:  # IP_RECVERR: an ICMP error is queued; datagrams may follow
+                self._read_icmp_errors(endpoint, now)
+                continue
+            if not ipv4:
+                peer = (peer[0], peer[1])
+            relayed = relay_peer_datagram(data, relay, peer, now)
+            if relayed is None:
+                continue
+            five_tuple, frame = relayed
+            if five_tuple[0] is Transport.UDP:
+                listening = udp.get(five_tuple[2])
+                if listening is not None:
+                    try:
+                        listening.sendto(frame, five_tuple[1])
+                    except OSError:
+                        self.send_errors += 1
+            else:
+                self._write_stream(five_tuple[0], five_tuple[2], five_tuple[1], frame)
         self._flush()
+
+    def _read_icmp_errors(self, endpoint: _UdpEndpoint, now: float) -> None:
+        """RFC 8656 §11.5: hand the relay socket's queued ICMP errors to the core."""
+        sock = endpoint.sock
+        for _ in range(_ERRQUEUE_BATCH):
+            try:
+                _, ancdata, _, peer = sock.recvmsg(1, 512, socket.MSG_ERRQUEUE)
+            except OSError:
+                return
+            for level, kind, value in ancdata:
+                if (level, kind) not in (
+                    (socket.IPPROTO_IP, _IP_RECVERR),
+                    (socket.IPPROTO_IPV6, _IPV6_RECVERR),
+                ) or len(value) < _SOCK_EXTENDED_ERR.size:
+                    continue
+                _, origin, icmp_type, icmp_code, _, info, _ = _SOCK_EXTENDED_ERR.unpack_from(value)
+                if origin in (_SO_EE_ORIGIN_ICMP, _SO_EE_ORIGIN_ICMP6) and peer:
+                    self.core.handle_peer_icmp(
+                        endpoint.address, (peer[0], peer[1]), (icmp_type, icmp_code, info), now
+                    )
 
     def _flush(self) -> None:
         core = self.core
         udp = self._udp
-        connections = self._connections
         while (transmit := core.poll_transmit()) is not None:
             if transmit.transport is Transport.UDP:
                 endpoint = udp.get(transmit.local)
-                if endpoint is None:
-                    continue
-                if transmit.dont_fragment != endpoint.dont_fragment:
-                    endpoint.set_dont_fragment(transmit.dont_fragment)
-                try:
-                    endpoint.sock.sendto(transmit.data, transmit.remote)
-                except OSError:
-                    self.send_errors += 1
+                if endpoint is not None:
+                    self._send_udp(endpoint, transmit.data, transmit.remote, transmit.dont_fragment)
             else:
-                connection = connections.get((transmit.transport, transmit.local, transmit.remote))
-                if connection is None or connection.transport is None:
-                    continue
-                stream = connection.transport
-                if stream.is_closing():
-                    continue
-                if stream.get_write_buffer_size() > _STREAM_WRITE_LIMIT:
-                    self.stream_drops += 1
-                    continue
-                stream.write(transmit.data)
+                self._write_stream(
+                    transmit.transport, transmit.local, transmit.remote, transmit.data
+                )
         self._flush_events()
         deadline = core.poll_timeout()
         if deadline != self._timer_deadline:
@@ -662,7 +1095,7 @@ class TurnServer:
             elif isinstance(event, ClosePeerConnection):
                 self._close_peer(event.connection_id)
             else:
-                _log_event(event, self.errors_by_code)
+                _log_event(event, self.errors_by_code, self.auth_failures)
             if self._on_event is not None:
                 self._on_event(event)
 
@@ -793,67 +1226,326 @@ def _tuple(five_tuple: FiveTuple) -> str:
     )
 
 
-def _log_event(event: TurnEvent, errors: Counter[int]) -> None:
-    """Structured log lines: ``event key=value ...``."""
+# -- structured logs ---------------------------------------------------------------------------
+
+
+class LogEvent:
+    """A structured log message: an event name and its fields. ``str()`` gives the text
+    form, ``event key=value ...`` (values with spaces or quotes JSON-quoted);
+    :class:`JsonFormatter` writes the fields as JSON members."""
+
+    __slots__ = ("event", "fields")
+
+    def __init__(self, event: str, **fields: object) -> None:
+        self.event = event
+        self.fields = fields
+
+    def __str__(self) -> str:
+        parts = [self.event]
+        for key, value in self.fields.items():
+            text = str(value)
+            if not text or not text.isprintable() or any(c in text for c in ' "=\\'):
+                text = json.dumps(text)
+            parts.append(f"{key}={text}")
+        return " ".join(parts)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``, ``pid``,
+    then ``event`` and the fields of a :class:`LogEvent`, or ``message`` for plain
+    records."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+        }
+        message = record.msg
+        if isinstance(message, LogEvent) and not record.args:
+            out["event"] = message.event
+            for key, value in message.fields.items():
+                plain = value is None or isinstance(value, bool | int | float | str)
+                out.setdefault(key, value if plain else str(value))
+        else:
+            out["message"] = record.getMessage()
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, separators=(",", ":"))
+
+
+TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Log to stderr at ``level``, as text lines or JSON objects (``--log-format``)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_LOG_FORMAT)
+    )
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def _log_event(event: TurnEvent, errors: Counter[int], auth_failures: Counter[int]) -> None:
+    """Structured log lines (see :class:`LogEvent`): allocation lifecycle at info,
+    authentication failures with their source address, rejected requests."""
     if isinstance(event, AllocationCreated):
-        relayed = ",".join(format_address(a) for a in event.relayed)
         log.info(
-            "allocation-created client=%s user=%s relayed=%s lifetime=%d",
-            _tuple(event.five_tuple),
-            event.username,
-            relayed,
-            event.lifetime,
+            LogEvent(
+                "allocation-created",
+                client=_tuple(event.five_tuple),
+                user=event.username,
+                relayed=",".join(format_address(a) for a in event.relayed),
+                lifetime=event.lifetime,
+            )
         )
     elif isinstance(event, AllocationRefreshed):
         log.debug(
-            "allocation-refreshed client=%s lifetime=%d", _tuple(event.five_tuple), event.lifetime
+            LogEvent(
+                "allocation-refreshed", client=_tuple(event.five_tuple), lifetime=event.lifetime
+            )
         )
     elif isinstance(event, AllocationDeleted):
         log.info(
-            "allocation-deleted client=%s user=%s reason=%s",
-            _tuple(event.five_tuple),
-            event.username,
-            event.reason.replace(" ", "-"),
+            LogEvent(
+                "allocation-deleted",
+                client=_tuple(event.five_tuple),
+                user=event.username,
+                reason=event.reason.replace(" ", "-"),
+            )
         )
     elif isinstance(event, AllocationExpired):
-        log.info("allocation-expired client=%s user=%s", _tuple(event.five_tuple), event.username)
+        log.info(
+            LogEvent("allocation-expired", client=_tuple(event.five_tuple), user=event.username)
+        )
     elif isinstance(event, AuthFailed):
         errors[event.code] += 1
         # The first request of every client is challenged (401 without a user) and nonces
         # go stale (438): routine. A named user failing is worth a warning.
+        if event.username is not None:
+            auth_failures[event.code] += 1
         level = (
             logging.WARNING if event.username is not None and event.code == 401 else logging.INFO
         )
         log.log(
             level,
-            "auth-failed source=%s:%s code=%d user=%s reason=%r",
-            event.transport.value,
-            format_address(event.source),
-            event.code,
-            event.username if event.username is not None else "-",
-            event.reason,
+            LogEvent(
+                "auth-failed",
+                source=f"{event.transport.value}:{format_address(event.source)}",
+                code=event.code,
+                user=event.username if event.username is not None else "-",
+                reason=event.reason,
+            ),
         )
     elif isinstance(event, RequestRejected):
         errors[event.code] += 1
         log.info(
-            "request-rejected client=%s method=%#05x code=%d detail=%r",
-            _tuple(event.five_tuple),
-            event.method,
-            event.code,
-            event.detail,
+            LogEvent(
+                "request-rejected",
+                client=_tuple(event.five_tuple),
+                method=f"{event.method:#05x}",
+                code=event.code,
+                detail=event.detail,
+            )
         )
     elif isinstance(event, PermissionCreated | PermissionExpired):
-        log.debug("%s client=%s peer=%s", _kebab(event), _tuple(event.five_tuple), event.peer_ip)
+        log.debug(LogEvent(_kebab(event), client=_tuple(event.five_tuple), peer=event.peer_ip))
     elif isinstance(event, ChannelBound | ChannelExpired):
         log.debug(
-            "%s client=%s channel=%#06x peer=%s",
-            _kebab(event),
-            _tuple(event.five_tuple),
-            event.channel,
-            format_address(event.peer),
+            LogEvent(
+                _kebab(event),
+                client=_tuple(event.five_tuple),
+                channel=f"{event.channel:#06x}",
+                peer=format_address(event.peer),
+            )
         )
 
 
 def _kebab(event: Any) -> str:
     name: str = type(event).__name__
     return "".join(f"-{c.lower()}" if c.isupper() else c for c in name).lstrip("-")
+
+
+# -- metrics -------------------------------------------------------------------------------------
+
+_PREFIX = "tsunagu_turn"
+
+
+class TurnCollector:
+    """A prometheus_client collector over a snapshot (:meth:`TurnServer.metrics_snapshot`
+    or the sum of the workers'), taken when Prometheus scrapes: the relay path only adds
+    to plain integers in ``core.stats`` and pays nothing for metrics."""
+
+    def __init__(self, snapshot: Callable[[], Mapping[str, Any]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        for name, text in (
+            ("allocations", "Allocations in place."),
+            ("permissions", "Permissions installed, over all allocations."),
+            ("channels", "Channel bindings, over all allocations."),
+            ("peer_connections", "RFC 6062 TCP connections with peers."),
+            ("client_connections", "Open TCP and TLS client connections."),
+            ("relay_ports", "Relay ports bound (allocations and reservations)."),
+            ("draining", "1 while draining after SIGTERM (no new allocations), else 0."),
+            ("workers", "Worker processes that answered this scrape."),
+        ):
+            yield GaugeMetricFamily(f"{_PREFIX}_{name}", text, value=snap.get(name, 0))
+        for name, text in (
+            ("relayed_packets", "Datagrams relayed, by direction."),
+            ("relayed_bytes", "Payload bytes relayed, by direction."),
+        ):
+            key = name.removeprefix("relayed_")
+            family = CounterMetricFamily(f"{_PREFIX}_{name}", text, labels=["direction"])
+            for direction, value in sorted(snap.get(key, {}).items()):
+                family.add_metric([direction], value)
+            yield family
+        dropped = CounterMetricFamily(
+            f"{_PREFIX}_dropped_packets",
+            "Datagrams not relayed, by reason: from_client/from_peer (no allocation, "
+            "permission or channel; malformed), bandwidth (per-allocation limit), "
+            "send_error (refused by the kernel), stream_full (slow TCP/TLS client).",
+            labels=["reason"],
+        )
+        for reason, value in sorted(snap.get("dropped", {}).items()):
+            dropped.add_metric([reason], value)
+        yield dropped
+        yield CounterMetricFamily(
+            f"{_PREFIX}_icmp_relayed",
+            "ICMP errors from peers relayed to clients (RFC 8656 §11.5).",
+            value=snap.get("icmp_to_clients", 0),
+        )
+        per_worker = snap.get("worker_packets")
+        if per_worker is not None:
+            family = CounterMetricFamily(
+                f"{_PREFIX}_worker_relayed_packets",
+                "Datagrams relayed (both directions) by each worker of --workers.",
+                labels=["worker"],
+            )
+            for worker, value in sorted(per_worker.items()):
+                family.add_metric([worker], value)
+            yield family
+        yield CounterMetricFamily(
+            f"{_PREFIX}_connection_handoffs",
+            "RFC 6062 data connections passed to the worker owning their CONNECTION-ID.",
+            value=snap.get("handoffs", 0),
+        )
+        yield CounterMetricFamily(
+            f"{_PREFIX}_rate_limited_requests",
+            "Unauthenticated requests left unanswered by the per-source rate limit.",
+            value=snap.get("rate_limited", 0),
+        )
+        for name, key, text in (
+            (
+                "auth_failures",
+                "auth_failures",
+                "Requests with credentials refused (401 wrong credentials, 438 stale nonce).",
+            ),
+            ("errors", "errors", "Error responses sent, by STUN error code."),
+        ):
+            family = CounterMetricFamily(f"{_PREFIX}_{name}", text, labels=["code"])
+            for code, value in sorted(snap.get(key, {}).items()):
+                family.add_metric([code], value)
+            yield family
+
+
+def render_metrics(snapshot: Mapping[str, Any]) -> bytes:
+    """The Prometheus text exposition of a snapshot."""
+    registry = CollectorRegistry()
+    registry.register(TurnCollector(lambda: snapshot))
+    return generate_latest(registry)
+
+
+def merge_snapshots(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Add up the workers' snapshots (numbers add, nested tables add by key; ``draining``
+    is the largest)."""
+    total: dict[str, Any] = {}
+    for snapshot in snapshots:
+        for key, value in snapshot.items():
+            if isinstance(value, Mapping):
+                table = total.setdefault(key, {})
+                for inner, number in value.items():
+                    table[inner] = table.get(inner, 0) + number
+            elif key == "draining":
+                total[key] = max(total.get(key, 0), value)
+            else:
+                total[key] = total.get(key, 0) + value
+    return total
+
+
+class _HttpServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    render: Callable[[], bytes]
+    healthy: Callable[[], bool]
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: _HttpServer
+    timeout = 5.0  # seconds a client may take to send its request
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        content_type = "text/plain; charset=utf-8"
+        if path == "/metrics":
+            try:
+                status, body = 200, self.server.render()
+                content_type = CONTENT_TYPE_LATEST
+            except Exception:  # the loop did not answer in time, or is gone
+                status, body = 503, b"metrics unavailable\n"
+        elif path in ("/healthz", "/health"):
+            healthy = self.server.healthy()
+            status, body = (200, b"ok\n") if healthy else (503, b"draining\n")
+        else:
+            status, body = 404, b"not found: try /metrics or /healthz\n"
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not worth a log line each."""
+
+
+class MetricsEndpoint:
+    """HTTP ``/metrics`` (Prometheus) and ``/healthz`` (200 while serving, 503 while
+    draining or unresponsive) in a thread of its own, so that a scrape never waits for,
+    nor delays, the relay loop longer than copying a snapshot. Bound at construction."""
+
+    def __init__(
+        self, address: Address, render: Callable[[], bytes], healthy: Callable[[], bool]
+    ) -> None:
+        server_class = type(
+            "_Bound",
+            (_HttpServer,),
+            {"address_family": socket.AF_INET6 if ":" in address[0] else socket.AF_INET},
+        )
+        self._httpd: _HttpServer = server_class(address, _Handler)
+        self._httpd.render = render
+        self._httpd.healthy = healthy
+        self.address: Address = _bound(self._httpd.socket)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="turn-metrics",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def forget(self) -> None:
+        """In a forked child: close the inherited listening socket (the thread serving
+        it did not come along)."""
+        self._httpd.socket.close()
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(5.0)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)

@@ -14,6 +14,30 @@ realm). A web service hands each client a username ``EXPIRY:USER`` and the passw
 ``base64(HMAC-SHA1(secret, username))``; any server accepts it until EXPIRY (Unix time)
 without sharing state with the others, so servers can sit behind DNS round robin or a load
 balancer. Several ``--auth-secret`` flags rotate secrets: all are accepted.
+
+Operations. Logs go to stderr as ``event key=value ...`` lines, or one JSON object per
+line with ``--log-format json``: allocation lifecycle (``allocation-created``,
+``-refreshed``, ``-deleted``, ``-expired``), ``auth-failed`` with the source address,
+``request-rejected`` with the reason. ``--metrics HOST:PORT`` serves Prometheus
+``/metrics`` (allocations, permissions, channels; packets and bytes relayed per direction;
+drops by reason; auth failures and error responses by code) and ``/healthz`` (200 while
+serving, 503 while draining) over HTTP; the counters are read when Prometheus scrapes.
+
+``--workers N`` runs N processes sharing the listening ports (SO_REUSEPORT), each with
+its own allocations and a slice of the relay port range. On Linux a small BPF program
+(SO_ATTACH_REUSEPORT_CBPF) picks the worker by the client's IP address, so that
+everything one host sends -- its UDP allocations, an RTCP Allocate with the RTP one's
+RESERVATION-TOKEN, an RFC 6062 control connection and its data connections -- reaches the
+same worker (many clients behind one NAT address share a worker). A supervisor restarts a
+worker that dies (its allocations are lost; the kernel may then move other clients
+between workers, which see 437 and reallocate), forwards SIGTERM and SIGHUP, and serves
+``--metrics`` for all of them. RFC 6062 when a data connection still reaches another
+worker (another source address, or after a restart): the worker owning a CONNECTION-ID is
+encoded in it (``id % N``), and a worker that receives another's ConnectionBind passes the
+connection (socket and bytes read) to the owner over a Unix socket. TLS connections cannot
+be passed on, so with several workers an RFC 6062 TCP allocation over TLS is refused with
+442 (use TCP, or one worker). A RESERVATION-TOKEN used from another host's address may
+land on a worker that does not hold it: 508.
 """
 
 from __future__ import annotations
@@ -21,6 +45,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 import signal
 import sys
@@ -29,8 +55,19 @@ from pathlib import Path
 from typing import Any
 
 from tsunagu.aio.loop import run as run_loop
-from tsunagu.aio.turn_server import TurnServer
+from tsunagu.aio.turn_server import (
+    LogEvent,
+    MetricsEndpoint,
+    TurnServer,
+    configure_logging,
+    hold_listening_ports,
+    merge_snapshots,
+    render_metrics,
+)
+from tsunagu.aio.workers import Supervisor, WorkerContext
 from tsunagu.turn.config import (
+    LOG_FORMATS,
+    METRICS_PORT,
     TurnServerConfig,
     format_address,
     load_config,
@@ -63,6 +100,11 @@ _SCALARS = {
     "rfc5766_channels": "rfc5766_channels",
     "relay_to_relay": "relay_to_relay",
     "max_tcp_connections": "max_tcp_connections_per_allocation",
+    "bandwidth_limit": "bandwidth_limit",
+    "bandwidth_burst": "bandwidth_burst",
+    "log_format": "log_format",
+    "metrics": "metrics",
+    "workers": "workers",
 }
 _LISTS = {
     "listen": "listen",
@@ -211,6 +253,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"RFC 6062 peer connections per TCP allocation (default "
         f"{d.max_tcp_connections_per_allocation})",
     )
+    policy.add_argument(
+        "--bandwidth-limit",
+        type=int,
+        metavar="BYTES_PER_S",
+        help="relayed payload bytes per second per allocation, both directions together; "
+        "the excess is dropped (default 0: no limit)",
+    )
+    policy.add_argument(
+        "--bandwidth-burst",
+        type=int,
+        metavar="BYTES",
+        help="bucket size of --bandwidth-limit (default: one second's worth, >= 64 KiB)",
+    )
     ops = parser.add_argument_group("operations")
     ops.add_argument("--config", metavar="FILE", help="TOML file with any of these settings")
     ops.add_argument(
@@ -225,6 +280,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-level",
         choices=("debug", "info", "warning", "error", "critical"),
         help=f"log level on stderr (default {d.log_level})",
+    )
+    ops.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="log lines as 'event key=value ...' text or one JSON object per line "
+        f"(default {d.log_format})",
+    )
+    ops.add_argument(
+        "--metrics",
+        type=_address(METRICS_PORT),
+        metavar="HOST:PORT",
+        help=f"serve Prometheus /metrics and /healthz over HTTP here (port default "
+        f"{METRICS_PORT}; keep it private)",
+    )
+    ops.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="processes sharing the listening ports with SO_REUSEPORT (default 1)",
     )
 
 
@@ -249,7 +323,8 @@ def build_config(args: argparse.Namespace) -> TurnServerConfig:
 
 
 def listening_line(server: TurnServer) -> str:
-    """``listening udp 127.0.0.1:3478, tcp 127.0.0.1:3478, relay 127.0.0.1 49152-65535``."""
+    """``listening udp 127.0.0.1:3478, tcp 127.0.0.1:3478, relay 127.0.0.1 49152-65535``
+    (and ``, metrics 127.0.0.1:9641`` with ``--metrics``)."""
     parts = [f"udp {format_address(a)}" for a in server.udp_addresses]
     parts += [f"tcp {format_address(a)}" for a in server.tcp_addresses]
     parts += [f"tls {format_address(a)}" for a in server.tls_addresses]
@@ -259,6 +334,8 @@ def listening_line(server: TurnServer) -> str:
         if endpoint.advertised_ip != endpoint.bind_ip:
             shown += f" as {endpoint.advertised_ip}"
         parts.append(f"relay {shown} {config.min_port}-{config.max_port}")
+    if server.metrics_address is not None:
+        parts.append(f"metrics {format_address(server.metrics_address)}")
     return "listening " + ", ".join(parts)
 
 
@@ -272,6 +349,11 @@ _RESTART_ONLY = (
     "max_port",
     "external_ips",
     "realm",
+    "workers",
+    "metrics",
+    "log_format",
+    "bandwidth_limit",
+    "bandwidth_burst",
 )
 
 
@@ -282,14 +364,16 @@ def _reload(server: TurnServer, reread: Callable[[], TurnServerConfig]) -> None:
         text = Path(config.users_file).read_text() if config.users_file else None
         users = build_users(config, text)
     except (OSError, ValueError, TypeError) as exc:
-        log.error("reload-failed error=%r (keeping the running configuration)", str(exc))
+        log.error(
+            LogEvent("reload-failed", error=str(exc), action="keeping-the-running-configuration")
+        )
         return
     ignored = [n for n in _RESTART_ONLY if getattr(config, n) != getattr(server.config, n)]
     if ignored:
-        log.warning("reload-ignored settings=%s (they need a restart)", ",".join(ignored))
+        log.warning(LogEvent("reload-ignored", settings=",".join(ignored), action="restart-needed"))
     dropped = server.reload(config, users)
     log.info(
-        "reloaded users=%d secrets=%d dropped=%d", len(users), len(config.auth_secrets), dropped
+        LogEvent("reloaded", users=len(users), secrets=len(config.auth_secrets), dropped=dropped)
     )
 
 
@@ -297,12 +381,16 @@ async def serve(
     config: TurnServerConfig,
     announce: Callable[[str], None],
     reread: Callable[[], TurnServerConfig] | None = None,
+    *,
+    reuse_port: bool = False,
+    worker: WorkerContext | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT, then drain and close; returns the exit status. SIGHUP
-    calls ``reread`` for a fresh configuration and applies its users and peer policy."""
+    calls ``reread`` for a fresh configuration and applies its users and peer policy.
+    ``reuse_port`` and ``worker``: this is one worker of ``--workers``."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    server = await TurnServer.start(config)
+    server = await TurnServer.start(config, reuse_port=reuse_port, worker=worker)
     signals = [signal.SIGTERM, signal.SIGINT]
     try:
         for signum in signals:
@@ -313,7 +401,11 @@ async def serve(
         announce(listening_line(server))
         await stop.wait()
         log.info(
-            "draining allocations=%d timeout=%g", server.core.allocation_count, config.drain_timeout
+            LogEvent(
+                "draining",
+                allocations=server.core.allocation_count,
+                timeout=f"{config.drain_timeout:g}",
+            )
         )
         await server.drain(config.drain_timeout)
     finally:
@@ -321,6 +413,77 @@ async def serve(
             loop.remove_signal_handler(signum)
         await server.close()
     return EXIT_OK
+
+
+_STOP_MARGIN = 10.0  # seconds the supervisor adds to --drain-timeout before SIGKILL
+_SCRAPE_TIMEOUT = 2.0  # seconds the supervisor waits for its workers' metrics
+
+
+def serve_workers(
+    config: TurnServerConfig,
+    announce: Callable[[str], None],
+    reread: Callable[[], TurnServerConfig] | None = None,
+) -> int:
+    """``--workers N``: N processes share the listening ports (SO_REUSEPORT), each with its
+    own allocations and its slice of the relay port range, under a supervisor
+    (:class:`~tsunagu.aio.workers.Supervisor`) that restarts dead workers, forwards
+    SIGTERM (each worker drains) and SIGHUP (each worker reloads), and serves
+    ``--metrics``: a scrape asks every worker for its counters and adds them up."""
+    held, resolved = hold_listening_ports(config)
+    worker_config = dataclasses.replace(resolved, metrics=None)
+    endpoint: MetricsEndpoint | None = None
+
+    def worker(context: WorkerContext, ready: Callable[[str], None]) -> int:
+        if endpoint is not None:
+            endpoint.forget()  # the supervisor's listening socket, inherited by fork
+        worker_reread: Callable[[], TurnServerConfig] | None = None
+        if reread is not None:
+            fetch = reread
+
+            def worker_reread() -> TurnServerConfig:
+                return dataclasses.replace(
+                    fetch(), listen=resolved.listen, tls_listen=resolved.tls_listen, metrics=None
+                )
+
+        return run_loop(serve(worker_config, ready, worker_reread, reuse_port=True, worker=context))
+
+    def announce_ready(line: str) -> None:
+        if endpoint is not None:
+            line += f", metrics {format_address(endpoint.address)}"
+        announce(f"{line}, workers {config.workers}")
+
+    supervisor = Supervisor(
+        config.workers,
+        worker,
+        announce_ready,
+        held=held,
+        stop_timeout=config.drain_timeout + _STOP_MARGIN,
+        forward=(signal.SIGHUP,) if reread is not None else (),
+    )
+    if config.metrics is not None:
+
+        def render() -> bytes:
+            answers = supervisor.query(b"stats", _SCRAPE_TIMEOUT)
+            snapshots = {index: json.loads(answer) for index, answer in answers}
+            total = merge_snapshots(snapshots.values())
+            total["workers"] = len(answers)
+            total["worker_packets"] = {
+                str(index): sum(snapshot.get("packets", {}).values())
+                for index, snapshot in snapshots.items()
+            }
+            return render_metrics(total)
+
+        try:
+            endpoint = MetricsEndpoint(config.metrics, render, lambda: not supervisor.stopping)
+        except BaseException:
+            for sock in held:
+                sock.close()
+            raise
+    try:
+        return supervisor.run()
+    finally:
+        if endpoint is not None:
+            endpoint.close()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -335,16 +498,14 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(config.log_level, config.log_format)
 
     def announce(line: str) -> None:
         print(line, flush=True)
 
     try:
+        if config.workers > 1:
+            return serve_workers(config, announce, lambda: build_config(args))
         return run_loop(serve(config, announce, lambda: build_config(args)))
     except (OSError, ValueError) as exc:
         print(f"tsunagu turn-server: {exc}", file=sys.stderr)

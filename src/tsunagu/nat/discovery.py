@@ -68,6 +68,7 @@ from tsunagu.nat.events import (
     NatTest,
     TestFinished,
 )
+from tsunagu.nat.theory import NAT_TYPES, direct_possible
 from tsunagu.stun.attributes import (
     Address,
     Attribute,
@@ -232,20 +233,44 @@ def verdict(result: NatDiscoveryResult) -> str:
         )
         reason = f" ({result.error})" if result.error else ""
         return f"unknown: could not determine the {missing} behaviour{reason}"
-    if mapping is MappingBehavior.ENDPOINT_INDEPENDENT:
-        if filtering is FilteringBehavior.ADDRESS_AND_PORT_DEPENDENT:
-            # RFC 4787 §4.1 EIM + port-restricted filtering: hole punching works with any
-            # peer whose NAT keeps its mapping, not with one that changes it per destination.
-            return (
-                "direct connections will work with most peers; you will need TURN for "
-                "peers behind address-and-port-dependent mapping (symmetric) NATs"
-            )
-        if result.nat_present is False and filtering is FilteringBehavior.ENDPOINT_INDEPENDENT:
-            return "no NAT or filtering: direct connections will work with most peers"
-        return "direct connections will work with most peers"
-    # RFC 5128 §3.3 / RFC 8445 §2.2: a mapping that depends on the destination defeats the
-    # server reflexive candidate; only peers with open NATs can reach us directly.
-    return "you will need TURN for peers behind similar NATs"
+    if (
+        result.nat_present is False
+        and mapping is MappingBehavior.ENDPOINT_INDEPENDENT
+        and filtering is FilteringBehavior.ENDPOINT_INDEPENDENT
+    ):
+        return "no NAT or filtering: direct connections will work with most peers"
+    # Which of the nine RFC 4787 NAT types a peer may sit behind we can reach directly with
+    # STUN-only ICE: the theory table of docs/nat.md, one definition in nat/theory.py.
+    blocked = [
+        f"{_MAPPING_ABBREVIATION[m]}/{_FILTERING_ABBREVIATION[f]}"
+        for m, f in NAT_TYPES
+        if not direct_possible(mapping, filtering, m, f)
+    ]
+    if not blocked:
+        return "direct connections will work with peers behind any kind of NAT"
+    reachable = len(NAT_TYPES) - len(blocked)
+    if reachable > len(blocked):
+        return (
+            f"direct connections will work with most peers ({reachable} of {len(NAT_TYPES)} "
+            f"NAT types); you will need TURN for peers behind {', '.join(blocked)} NATs"
+        )
+    return (
+        f"you will need TURN for many peers: direct connections work only with {reachable} "
+        f"of {len(NAT_TYPES)} NAT types (not {', '.join(blocked)}; see docs/nat.md)"
+    )
+
+
+# Two tables: the enums share their string values, so one dict would merge their keys.
+_MAPPING_ABBREVIATION = {
+    MappingBehavior.ENDPOINT_INDEPENDENT: "EIM",
+    MappingBehavior.ADDRESS_DEPENDENT: "ADM",
+    MappingBehavior.ADDRESS_AND_PORT_DEPENDENT: "APDM",
+}
+_FILTERING_ABBREVIATION = {
+    FilteringBehavior.ENDPOINT_INDEPENDENT: "EIF",
+    FilteringBehavior.ADDRESS_DEPENDENT: "ADF",
+    FilteringBehavior.ADDRESS_AND_PORT_DEPENDENT: "APDF",
+}
 
 
 class _Phase(Enum):

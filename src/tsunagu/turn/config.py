@@ -24,6 +24,12 @@ from tsunagu.turn.constants import (
 )
 from tsunagu.turn.transport import Address
 
+METRICS_PORT = 9641
+"""Default port of ``--metrics`` (coturn's Prometheus port)."""
+LOG_FORMATS = ("text", "json")
+MAX_WORKERS = 64
+MIN_BANDWIDTH_BURST = 65536
+
 __all__ = [
     "TurnServerConfig",
     "config_values",
@@ -121,6 +127,12 @@ class TurnServerConfig:
     unanswered, so the server cannot be used to reflect floods at a spoofed address."""
     unauthenticated_burst: int = 200
     """Bucket size of that rate limit (a NAT with many clients shares one source IP)."""
+    bandwidth_limit: int = 0
+    """Relayed bytes per second per allocation, both directions together (payload bytes,
+    token bucket); packets beyond it are dropped and counted. 0: no limit."""
+    bandwidth_burst: int = 0
+    """Bucket size of that limit in bytes; 0 means one second's worth (at least 64 KiB,
+    so that one large datagram always fits)."""
 
     # -- operations -----------------------------------------------------------------------
     software: str | None = None
@@ -136,6 +148,14 @@ class TurnServerConfig:
     handshake may take) before the server closes it."""
     log_level: str = "info"
     """Python logging level of the command-line server: debug, info, warning, error."""
+    log_format: str = "text"
+    """Log lines as ``event key=value ...`` text, or one JSON object per line ("json")."""
+    metrics: Address | None = None
+    """Where to serve Prometheus metrics (``/metrics``) and the health check
+    (``/healthz``) over HTTP; None: nowhere. Keep it on a private address."""
+    workers: int = 1
+    """Processes sharing the listening ports (SO_REUSEPORT), each relaying its own
+    clients; the relay port range is split between them."""
 
     def __post_init__(self) -> None:
         if not self.listen and not self.tls_listen:
@@ -173,6 +193,30 @@ class TurnServerConfig:
             raise ValueError(f"unknown log level {self.log_level!r}")
         if not self.unauthenticated_rate > 0 or self.unauthenticated_burst < 1:
             raise ValueError("need unauthenticated_rate > 0 and unauthenticated_burst >= 1")
+        if self.bandwidth_limit < 0 or self.bandwidth_burst < 0:
+            raise ValueError("bandwidth_limit and bandwidth_burst must not be negative")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"unknown log format {self.log_format!r} (text or json)")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"workers must be within 1..{MAX_WORKERS}")
+        if self.max_port - self.min_port + 1 < 2 * self.workers:
+            raise ValueError("the relay port range needs at least 2 ports per worker")
+
+    @property
+    def effective_bandwidth_burst(self) -> int:
+        """The bandwidth bucket size in bytes (see ``bandwidth_burst``)."""
+        if self.bandwidth_burst:
+            return self.bandwidth_burst
+        return max(self.bandwidth_limit, MIN_BANDWIDTH_BURST)
+
+    def worker_ports(self, index: int) -> tuple[int, int]:
+        """The relay ports of worker ``index`` of ``workers``: a slice of the range, so
+        that workers never compete for (or share, RFC 6062 listeners being
+        SO_REUSEPORT) a relay port."""
+        span = (self.max_port - self.min_port + 1) // self.workers
+        first = self.min_port + index * span
+        last = self.max_port if index == self.workers - 1 else first + span - 1
+        return first, last
 
     @property
     def has_credentials(self) -> bool:
@@ -232,6 +276,8 @@ def config_values(data: Mapping[str, object]) -> dict[str, object]:
             values[key] = tuple(parse_address(str(v), _ADDRESS_LISTS[key]) for v in items)
         elif key in _STRING_LISTS:
             values[key] = tuple(str(v) for v in _as_list(raw_key, value))
+        elif key == "metrics":
+            values[key] = parse_address(str(value), METRICS_PORT)
         elif key == "external_ips":
             values[key] = tuple(parse_external_ip(str(v)) for v in _as_list(raw_key, value))
         else:

@@ -166,7 +166,7 @@ class PeerPolicy:
     """Decides whether a peer IP address (permissions) or transport address (relaying) is
     allowed. Immutable; build a new one to change the policy (SIGHUP reload)."""
 
-    __slots__ = ("_own", "_own_ranges", "_v4", "_v6")
+    __slots__ = ("_own", "_own_cache", "_own_ranges", "_v4", "_v6")
 
     def __init__(
         self,
@@ -202,6 +202,9 @@ class PeerPolicy:
             for version, value in _forms(ip):
                 ranges.append((version, value, first, last))
         self._own_ranges = tuple(ranges)
+        # is_own runs for every Send indication: remember answers (bounded; a policy is
+        # immutable, a reload builds a new one).
+        self._own_cache: dict[Address, bool] = {}
 
     def denial_reason(self, ip: str) -> str | None:
         """Why ``ip`` may not be a peer, or None when it may. Malformed input is refused."""
@@ -223,6 +226,14 @@ class PeerPolicy:
     def is_own(self, address: Address) -> bool:
         """Whether ``address`` (any spelling) is one of the server's own transport
         addresses."""
+        cached = self._own_cache.get(address)
+        if cached is None:
+            if len(self._own_cache) >= _OWN_CACHE_SIZE:
+                self._own_cache.clear()
+            cached = self._own_cache[address] = self._is_own(address)
+        return cached
+
+    def _is_own(self, address: Address) -> bool:
         ip, port = address
         try:
             forms = _forms(ip)
@@ -239,6 +250,9 @@ class PeerPolicy:
     def permits(self, address: Address) -> bool:
         """Whether data may be relayed to the peer transport address ``address``."""
         return self.permits_ip(address[0]) and not self.is_own(address)
+
+
+_OWN_CACHE_SIZE = 4096
 
 
 def _forms(ip: str) -> list[tuple[int, int]]:

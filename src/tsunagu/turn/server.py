@@ -41,10 +41,12 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import itertools
+import socket
 import struct
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 from tsunagu.errors import StunDecodeError
 from tsunagu.stun.attributes import (
@@ -57,6 +59,7 @@ from tsunagu.stun.attributes import (
     DontFragment,
     EvenPort,
     Fingerprint,
+    Icmp,
     Lifetime,
     RequestedAddressFamily,
     RequestedTransport,
@@ -138,6 +141,9 @@ _TURN_METHODS = frozenset(
         Method.CONNECTION_BIND,
     )
 )
+_XPA_IPV4_HEAD = struct.pack("!HH", AttrType.XOR_PEER_ADDRESS, 8)
+_DATA_TYPE = struct.pack("!H", AttrType.DATA)
+_PEERS_SEEN = 4096  # decoded XOR-PEER-ADDRESS values remembered by the Send fast path
 _CONNECTION_ID_DRAWS = 16  # tries for an unused 32-bit CONNECTION-ID
 _NONCE_SECRET_LENGTH = 32
 # Largest payload a Data indication can carry: the STUN length field is 16 bits and the
@@ -184,6 +190,20 @@ class TurnStats:
     """Datagrams from peers without a permission, or to a relay with no allocation."""
     rate_limited: int = 0
     """Requests left unanswered by the per-source rate limit."""
+    dropped_bandwidth: int = 0
+    """Datagrams (either direction) dropped by the per-allocation bandwidth limit."""
+    icmp_to_clients: int = 0
+    """ICMP errors from peers relayed to clients as Data indications (RFC 8656 §11.5)."""
+
+
+class _TokenBucket:
+    """Bytes an allocation may still relay now (``bandwidth_limit``)."""
+
+    __slots__ = ("stamp", "tokens")
+
+    def __init__(self, tokens: float, stamp: float) -> None:
+        self.tokens = tokens
+        self.stamp = stamp
 
 
 class _RefusalError(Exception):
@@ -222,11 +242,22 @@ class TurnServerCore:
         users: Mapping[str, UserKeys] | None = None,
         entropy: Entropy | None = None,
         unix_time_offset: float = 0.0,
+        relay_ports: tuple[int, int] | None = None,
+        connection_id_shard: tuple[int, int] = (0, 1),
+        tcp_allocations_over_tls: bool = True,
     ) -> None:
         """``listening``: the transport addresses the driver actually bound (ports
         resolved), refused as peers. ``users``: static users, by default those of
         ``config.users`` (:func:`build_users` adds a users file). ``unix_time_offset``:
-        added to ``now`` to get Unix time, for TURN REST API expiry times."""
+        added to ``now`` to get Unix time, for TURN REST API expiry times.
+
+        For one worker of several (``--workers``): ``relay_ports`` is the slice of the
+        configured range this core allocates from (the whole range stays refused as
+        peers); ``connection_id_shard`` = (index, count) makes every RFC 6062
+        CONNECTION-ID ``cid % count == index``, so that whichever worker receives a
+        ConnectionBind knows which one owns it; ``tcp_allocations_over_tls`` False
+        answers RFC 6062 Allocates over TLS with 442 (a TLS data connection cannot be
+        handed to another process)."""
         self.config = config
         self._relay = relay
         self._entropy: Entropy = entropy if entropy is not None else SystemEntropy()
@@ -236,10 +267,21 @@ class TurnServerCore:
         self._endpoints = self._relay_endpoints(config, self._listening)
         if not self._endpoints:
             raise ValueError("no relay address: give --relay-ip or listen on a specific IP")
+        first_port, last_port = relay_ports or (config.min_port, config.max_port)
         self._pools = {
-            family: PortPool(ep.bind_ip, config.min_port, config.max_port, self._entropy)
+            family: PortPool(ep.bind_ip, first_port, last_port, self._entropy)
             for family, ep in self._endpoints.items()
         }
+        shard, shards = connection_id_shard
+        if not 0 <= shard < shards:
+            raise ValueError(f"bad CONNECTION-ID shard {connection_id_shard}")
+        self._cid_shard = shard
+        self._cid_shards = shards
+        self._tcp_over_tls = tcp_allocations_over_tls
+        self._bandwidth = float(config.bandwidth_limit)
+        self._bandwidth_burst = float(config.effective_bandwidth_burst)
+        self._buckets: dict[FiveTuple, _TokenBucket] = {}
+        self._peers_seen: dict[bytes, Address] = {}
         self._nonce_secret = self._entropy.token_bytes(_NONCE_SECRET_LENGTH)
         self._auth = Authenticator(
             config.realm,
@@ -258,6 +300,9 @@ class TurnServerCore:
         self._channel_first_byte_max = self._channel_max >> 8
 
         self._allocations: dict[FiveTuple, Allocation] = {}
+        # UDP allocations again, by (client, server) plain tuples: the ChannelData hot path
+        # looks them up without building a FiveTuple.
+        self._udp_clients: dict[tuple[Address, Address], Allocation] = {}
         self._by_relay: dict[Address, Allocation] = {}
         self._per_user: dict[str, int] = {}
         self._reservations: dict[bytes, Reservation] = {}
@@ -446,15 +491,30 @@ class TurnServerCore:
     def handle_peer_datagram(self, data: bytes, relay: Address, peer: Address, now: float) -> None:
         """A UDP datagram from ``peer`` arrived at the relay socket bound to ``relay``
         (RFC 8656 §11.3, §12.7)."""
+        relayed = self.relay_peer_datagram(data, relay, peer, now)
+        if relayed is not None:
+            five_tuple, frame = relayed
+            self._transmits.append(
+                Transmit(five_tuple.transport, five_tuple.server, five_tuple.client, frame)
+            )
+
+    def relay_peer_datagram(
+        self, data: bytes, relay: Address, peer: Address, now: float
+    ) -> tuple[FiveTuple, bytes] | None:
+        """:meth:`handle_peer_datagram` for the driver's hot path: returns the client's
+        5-tuple and the frame to send it (ChannelData or a Data indication) instead of
+        queueing a :class:`Transmit`, or None when the datagram is dropped (counted)."""
         allocation = self._by_relay.get(relay)
         if allocation is None:
             self.stats.dropped_from_peers += 1
-            return
+            return None
         permission = allocation.permissions.get(peer[0])
         if permission is None or permission.expires <= now:  # §9: only IPs are compared
             self.stats.dropped_from_peers += 1
-            return
+            return None
         five_tuple = allocation.five_tuple
+        if self._bandwidth and not self._spend(five_tuple, len(data), now):
+            return None
         binding = allocation.channel_by_peer.get(peer)
         if binding is not None and binding.expires > now:
             frame = _CHANNEL_HEAD.pack(binding.number, len(data)) + data
@@ -463,14 +523,66 @@ class TurnServerCore:
         else:
             if len(data) > _MAX_DATA_INDICATION_PAYLOAD:
                 self.stats.dropped_from_peers += 1
-                return
+                return None
             frame = self._data_indication(peer, data)
         stats = self.stats
         stats.packets_to_clients += 1
         stats.bytes_to_clients += len(data)
-        self._transmits.append(
-            Transmit(five_tuple.transport, five_tuple.server, five_tuple.client, frame)
+        return five_tuple, frame
+
+    def _spend(self, five_tuple: FiveTuple, size: int, now: float) -> bool:
+        """Take ``size`` bytes from the allocation's bandwidth bucket; False (counted as a
+        drop) when it holds fewer: the datagram is not relayed."""
+        bucket = self._buckets.get(five_tuple)
+        if bucket is None:
+            bucket = self._buckets[five_tuple] = _TokenBucket(self._bandwidth_burst, now)
+        else:
+            elapsed = now - bucket.stamp
+            if elapsed > 0:
+                bucket.tokens = min(
+                    self._bandwidth_burst, bucket.tokens + elapsed * self._bandwidth
+                )
+                bucket.stamp = now
+        if bucket.tokens < size:
+            self.stats.dropped_bandwidth += 1
+            return False
+        bucket.tokens -= size
+        return True
+
+    def handle_peer_icmp(
+        self,
+        relay: Address,
+        peer: Address,
+        icmp: tuple[int, int, int],
+        now: float,
+    ) -> None:
+        """RFC 8656 §11.5: an ICMP error came back for a datagram the relay socket bound
+        to ``relay`` sent to ``peer``. Relayed as a Data indication with XOR-PEER-ADDRESS
+        and ICMP (no DATA) when it is an error the RFC names (ICMPv4 type 3 or 11, ICMPv6
+        type 1, 2 or 3) and the peer still has a permission; dropped otherwise.
+        ``icmp`` is (type, code, error data): the data is the next-hop MTU for
+        "fragmentation needed" / "packet too big", else ignored (sent as 0)."""
+        icmp_type, icmp_code, error_data = icmp
+        v6 = ":" in relay[0]
+        if icmp_type not in ((1, 2, 3) if v6 else (3, 11)) or not 0 <= icmp_code <= 0x1FF:
+            return
+        allocation = self._by_relay.get(relay)
+        if allocation is None or allocation.transport != TRANSPORT_UDP:
+            return
+        if not allocation.has_permission(peer[0], now):
+            return
+        mtu_report = (icmp_type == 2) if v6 else (icmp_type == 3 and icmp_code == 4)
+        indication = Message(
+            Method.DATA,
+            MessageClass.INDICATION,
+            self._entropy.token_bytes(12),
+            [
+                XorPeerAddress(peer),
+                Icmp(icmp_type, icmp_code, error_data & 0xFFFFFFFF if mtu_report else 0),
+            ],
         )
+        self.stats.icmp_to_clients += 1
+        self._send(allocation.five_tuple, indication.encode())
 
     def _data_indication(self, peer: Address, data: bytes) -> bytes:
         """RFC 8656 §11.3: a Data indication with XOR-PEER-ADDRESS and DATA."""
@@ -545,7 +657,11 @@ class TurnServerCore:
     def _forget(self, allocation: Allocation) -> None:
         """Remove an allocation whose relays are already released; its TCP peer
         connections go with it (RFC 6062 §5.5)."""
-        del self._allocations[allocation.five_tuple]
+        five_tuple = allocation.five_tuple
+        del self._allocations[five_tuple]
+        if five_tuple.transport is Transport.UDP:
+            del self._udp_clients[(five_tuple.client, five_tuple.server)]
+        self._buckets.pop(allocation.five_tuple, None)
         count = self._per_user.get(allocation.account, 0) - 1
         if count > 0:
             self._per_user[allocation.account] = count
@@ -739,6 +855,10 @@ class TurnServerCore:
         if transport.value == TRANSPORT_TCP:  # RFC 6062 §5.1
             if not five_tuple.transport.is_stream:
                 raise _RefusalError(ErrorCode.BAD_REQUEST, "TCP allocation over UDP")
+            if five_tuple.transport is Transport.TLS and not self._tcp_over_tls:
+                raise _RefusalError(
+                    ErrorCode.UNSUPPORTED_TRANSPORT_PROTOCOL, "TCP allocation over TLS"
+                )
             if (
                 dont_fragment
                 or request.get(EvenPort) is not None
@@ -863,6 +983,8 @@ class TurnServerCore:
             transport=transport.value,
         )
         self._allocations[five_tuple] = allocation
+        if five_tuple.transport is Transport.UDP:
+            self._udp_clients[(five_tuple.client, five_tuple.server)] = allocation
         for relay in relays:
             self._by_relay[relay.bound] = allocation
         self._per_user[auth.account] = self._per_user.get(auth.account, 0) + 1
@@ -1026,10 +1148,92 @@ class TurnServerCore:
             self.stats.dropped_from_clients += 1
             return
         dont_fragment = indication.get(DontFragment) is not None
+        target = self._send_target(
+            allocation, peer_attr.address, data_attr.value, dont_fragment, now
+        )
+        if target is not None:
+            self._transmits.append(Transmit(Transport.UDP, *target))
+
+    def relay_udp_send_indication(
+        self, data: bytes, local: Address, remote: Address, now: float
+    ) -> tuple[Address, Address, bytes, bool] | Literal[False] | None:
+        """The driver's hot path for a UDP datagram that starts like a Send indication
+        (type 0x0016): the common shape -- XOR-PEER-ADDRESS (IPv4), DATA, optionally
+        DONT-FRAGMENT, nothing else -- is parsed here and relayed as
+        :meth:`handle_datagram` would: returns (relay socket address, peer, payload,
+        DF), or None when dropped (counted). Anything else returns False: give it to
+        :meth:`handle_datagram`."""
+        size = len(data)
+        if size < 20 or data[4:8] != MAGIC_COOKIE_BYTES or (data[2] << 8 | data[3]) + 20 != size:
+            return False
+        # The usual layout first: XOR-PEER-ADDRESS (IPv4) at 20, DATA at 32, nothing after.
+        if data[20:24] == _XPA_IPV4_HEAD and data[32:34] == _DATA_TYPE:
+            length = data[34] << 8 | data[35]
+            if 36 + length + (-length & 3) == size:
+                usual = self._peer_of(data[24:32])
+                if usual is not None:
+                    allocation = self._udp_clients.get((remote, local))
+                    if allocation is None:
+                        self.stats.dropped_from_clients += 1
+                        return None
+                    payload = data[36 : 36 + length]
+                    return self._send_target(allocation, usual, payload, False, now)
+        peer: Address | None = None
+        data_value: bytes | None = None
+        dont_fragment = False
+        offset = 20
+        while offset < size:
+            if offset + 4 > size:
+                return False
+            kind, length = _DATA_HEAD.unpack_from(data, offset)
+            start = offset + 4
+            end = start + length
+            if end > size:
+                return False
+            if kind == AttrType.XOR_PEER_ADDRESS and peer is None and length == 8:
+                peer = self._peer_of(data[start:end])
+                if peer is None:
+                    return False
+            elif kind == AttrType.DATA and data_value is None:
+                data_value = data[start:end]
+            elif kind == AttrType.DONT_FRAGMENT and not dont_fragment and length == 0:
+                dont_fragment = True
+            else:
+                return False
+            offset = end + (-length & 3)
+        if offset != size or peer is None or data_value is None:
+            return False
+        allocation = self._udp_clients.get((remote, local))
+        if allocation is None:
+            self.stats.dropped_from_clients += 1
+            return None
+        return self._send_target(allocation, peer, data_value, dont_fragment, now)
+
+    def _peer_of(self, value: bytes) -> Address | None:
+        """The peer in an IPv4 XOR-PEER-ADDRESS value (8 bytes), remembered (bounded) so
+        that a stream of Send indications to one peer decodes it once; None if not IPv4."""
+        peer = self._peers_seen.get(value)
+        if peer is None:
+            if value[1] != AddressFamily.IPV4:
+                return None
+            port = (value[2] << 8 | value[3]) ^ 0x2112
+            address = bytes(a ^ b for a, b in zip(value[4:8], MAGIC_COOKIE_BYTES, strict=True))
+            if len(self._peers_seen) >= _PEERS_SEEN:
+                self._peers_seen.clear()
+            peer = self._peers_seen[value] = (socket.inet_ntoa(address), port)
+        return peer
+
+    def _send_target(
+        self,
+        allocation: Allocation,
+        peer: Address,
+        payload: bytes,
+        dont_fragment: bool,
+        now: float,
+    ) -> tuple[Address, Address, bytes, bool] | None:
         if dont_fragment and not self._relay.supports_dont_fragment:
             self.stats.dropped_from_clients += 1  # §11.2: treated as unknown -> discarded
-            return
-        peer = peer_attr.address
+            return None
         relay = allocation.relays.get(family_of(peer[0]))
         if (
             relay is None
@@ -1039,36 +1243,60 @@ class TurnServerCore:
             or self._policy.is_own(peer)
         ):
             self.stats.dropped_from_clients += 1
-            return
-        payload = data_attr.value
+            return None
+        if self._bandwidth and not self._spend(allocation.five_tuple, len(payload), now):
+            return None
         self.stats.packets_to_peers += 1
         self.stats.bytes_to_peers += len(payload)
-        self._transmits.append(Transmit(Transport.UDP, relay.bound, peer, payload, dont_fragment))
+        return relay.bound, peer, payload, dont_fragment
 
     def _client_channel_data(self, data: bytes, five_tuple: FiveTuple, now: float) -> None:
         """RFC 8656 §12.6: relay on a bound channel with a live permission, else discard."""
-        allocation = self._allocations.get(five_tuple)
+        target = self._channel_target(self._allocations.get(five_tuple), data, now)
+        if target is not None:
+            relay, peer, payload = target
+            self._transmits.append(Transmit(Transport.UDP, relay, peer, payload))
+
+    @property
+    def channel_first_byte_max(self) -> int:
+        """ChannelData first bytes are 0x40 up to this (0x4F, or 0x7F for RFC 5766)."""
+        return self._channel_first_byte_max
+
+    def relay_udp_channel_data(
+        self, data: bytes, local: Address, remote: Address, now: float
+    ) -> tuple[Address, Address, bytes] | None:
+        """The driver's hot path for a UDP datagram whose first byte is a ChannelData one
+        (see :attr:`channel_first_byte_max`): exactly what :meth:`handle_datagram` does
+        with it, but returns (relay socket address, peer, payload) to send instead of
+        queueing a :class:`Transmit`; None when it is dropped (counted)."""
+        return self._channel_target(self._udp_clients.get((remote, local)), data, now)
+
+    def _channel_target(
+        self, allocation: Allocation | None, data: bytes, now: float
+    ) -> tuple[Address, Address, bytes] | None:
         if allocation is None or len(data) < 4:
             self.stats.dropped_from_clients += 1
-            return
+            return None
         number, length = _CHANNEL_HEAD.unpack_from(data)
         if 4 + length > len(data):  # §12.6: shorter than its claimed length
             self.stats.dropped_from_clients += 1
-            return
+            return None
         binding = allocation.channels.get(number)
         if binding is None or binding.expires <= now:
             self.stats.dropped_from_clients += 1
-            return
+            return None
         peer = binding.peer
         permission = allocation.permissions.get(peer[0])
         relay = allocation.relays.get(family_of(peer[0]))
         if permission is None or permission.expires <= now or relay is None or relay.expires <= now:
             self.stats.dropped_from_clients += 1
-            return
-        payload = data[4 : 4 + length]
-        self.stats.packets_to_peers += 1
-        self.stats.bytes_to_peers += length
-        self._transmits.append(Transmit(Transport.UDP, relay.bound, peer, payload))
+            return None
+        if self._bandwidth and not self._spend(allocation.five_tuple, length, now):
+            return None
+        stats = self.stats
+        stats.packets_to_peers += 1
+        stats.bytes_to_peers += length
+        return relay.bound, peer, data[4 : 4 + length]
 
     # -- RFC 6062 TCP allocations ------------------------------------------------------------
 
@@ -1077,9 +1305,11 @@ class TurnServerCore:
         return five_tuple in self._data_connections
 
     def _new_connection_id(self) -> int | None:
+        shards = self._cid_shards
         for _ in range(_CONNECTION_ID_DRAWS):
             connection_id = int.from_bytes(self._entropy.token_bytes(4))
-            if connection_id and connection_id not in self._peer_connections:
+            connection_id += self._cid_shard - connection_id % shards  # owner: cid % shards
+            if 0 < connection_id <= 0xFFFFFFFF and connection_id not in self._peer_connections:
                 return connection_id
         return None
 
