@@ -14,7 +14,15 @@ from collections.abc import Sequence
 from tsunagu import __version__
 
 # Module names under tsunagu.cli, in the order `tsunagu --help` lists them.
-COMMANDS = ("demo", "stun", "nat_check", "stun_server", "turn_server", "turn_probe")
+COMMANDS = (
+    "demo",
+    "stun",
+    "nat_check",
+    "stun_server",
+    "turn_server",
+    "turn_probe",
+    "lab",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
