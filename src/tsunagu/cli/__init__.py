@@ -21,6 +21,7 @@ COMMANDS = (
     "stun_server",
     "turn_server",
     "turn_probe",
+    "ice_peer",
     "lab",
 )
 
