@@ -23,8 +23,8 @@ import aioice.stun
 import pytest
 from aioice.candidate import candidate_foundation, candidate_priority
 
+from tsunagu.address import parse_address
 from tsunagu.stun.attributes import Address
-from tsunagu.stun.server_config import parse_address
 
 pytestmark = pytest.mark.interop
 

@@ -24,6 +24,7 @@ from typing import Any, TypeVarTuple
 import pytest
 
 from tsunagu import SOFTWARE
+from tsunagu.address import parse_address
 from tsunagu.aio.loop import run as run_uvloop
 from tsunagu.aio.stun_server import StunServer
 from tsunagu.stun import Message, MessageClass, Method, new_transaction_id
@@ -37,7 +38,7 @@ from tsunagu.stun.attributes import (
     Software,
     XorMappedAddress,
 )
-from tsunagu.stun.server_config import StunServerConfig, parse_address
+from tsunagu.stun.server_config import StunServerConfig
 
 TIMEOUT = 5.0  # seconds any single wait may take before the test fails
 V4: Address = ("127.0.0.1", 0)

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tsunagu import SOFTWARE
+from tsunagu.address import format_address, parse_address
 from tsunagu.stun import Message, MessageClass, Method
 from tsunagu.stun.attributes import (
     Address,
@@ -32,13 +33,7 @@ from tsunagu.stun.attributes import (
 )
 from tsunagu.stun.constants import MAGIC_COOKIE
 from tsunagu.stun.server import RateLimiter, StunServerCore, Transmit
-from tsunagu.stun.server_config import (
-    StunServerConfig,
-    config_values,
-    format_address,
-    load_toml,
-    parse_address,
-)
+from tsunagu.stun.server_config import StunServerConfig, config_values, load_toml
 
 A1, P1 = "192.0.2.1", 3478
 A2, P2 = "192.0.2.2", 3479

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from tsunagu import SOFTWARE
+from tsunagu.address import format_address
 from tsunagu.errors import (
     LocalProtocolError,
     RemoteProtocolError,
@@ -168,11 +169,6 @@ async def resolve(
     if not addresses:
         raise ResolutionError(f"{host!r} has no IPv4 or IPv6 address")
     return addresses
-
-
-def _format(address: Address) -> str:
-    ip, port = address
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def _canonical(address: Address) -> Address:
@@ -395,7 +391,7 @@ async def binding_request(
                 attributes=attributes,
             )
         except ServerUnreachableError as exc:
-            refusals.append(f"{_format(remote)}: {exc}")
+            refusals.append(f"{format_address(remote)}: {exc}")
     if refusals:
         raise ServerUnreachableError("; ".join(refusals))
     raise TransactionTimeoutError(f"no response from {host} within {timeout:g} s")
@@ -421,7 +417,7 @@ async def _transaction(
             transmissions += 1
         if manager.poll_event() is not None:
             raise TransactionTimeoutError(
-                f"no response from {_format(remote)} after {transmissions} request(s) "
+                f"no response from {format_address(remote)} after {transmissions} request(s) "
                 f"in {_clock() - started:.1f} s"
             )
         received = await inbox.get(manager.poll_timeout())
@@ -432,7 +428,9 @@ async def _transaction(
         message = _match(received[0], tid)
         if message is not None and manager.handle_response(tid, now):
             return message, now - started, transmissions
-    raise TransactionTimeoutError(f"gave up on {_format(remote)}: too much unrelated traffic")
+    raise TransactionTimeoutError(
+        f"gave up on {format_address(remote)}: too much unrelated traffic"
+    )
 
 
 async def _binding_udp(
@@ -504,10 +502,10 @@ async def _binding_stream(
             )
     except TimeoutError:
         raise TransactionTimeoutError(
-            f"connecting to {_format(remote)} timed out after {timeout:g} s"
+            f"connecting to {format_address(remote)} timed out after {timeout:g} s"
         ) from None
     except (OSError, ssl.SSLError) as exc:
-        raise ServerUnreachableError(f"cannot connect to {_format(remote)}: {exc}") from exc
+        raise ServerUnreachableError(f"cannot connect to {format_address(remote)}: {exc}") from exc
     try:
         name = transport.get_extra_info("sockname")
         local = (str(name[0]), int(name[1]))

@@ -33,13 +33,14 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self, cast
 
+from tsunagu.address import format_address
 from tsunagu.aio.loop import run
 from tsunagu.aio.workers import Supervisor, WorkerContext
 from tsunagu.errors import StunDecodeError
 from tsunagu.stun.attributes import Address
 from tsunagu.stun.framing import StreamFramer
 from tsunagu.stun.server import StunServerCore
-from tsunagu.stun.server_config import StunServerConfig, format_address
+from tsunagu.stun.server_config import StunServerConfig
 
 __all__ = ["StunServer", "serve"]
 

@@ -23,6 +23,7 @@ import json
 import sys
 from typing import Any
 
+from tsunagu.cli.stun import format_address
 from tsunagu.errors import TsunaguError
 from tsunagu.nat.discovery import DiscoveryConfig, NatDiscoveryResult
 from tsunagu.nat.events import (
@@ -35,13 +36,6 @@ from tsunagu.stun.uri import StunUri, StunUriError
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-
-
-def _format(address: tuple[str, int] | None) -> str | None:
-    if address is None:
-        return None
-    ip, port = address
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def _schedule(text: str) -> tuple[float, ...]:
@@ -145,10 +139,10 @@ def main(args: argparse.Namespace) -> int:
 def as_json(result: NatDiscoveryResult, *, lifetime: bool) -> dict[str, Any]:
     """The ``--json`` document of a result."""
     document: dict[str, Any] = {
-        "server": _format(result.server),
-        "local": _format(result.local),
-        "mapped": _format(result.mapped),
-        "other_address": _format(result.other_address),
+        "server": format_address(result.server),
+        "local": format_address(result.local),
+        "mapped": format_address(result.mapped),
+        "other_address": format_address(result.other_address),
         "software": result.software,
         "nat_present": result.nat_present,
         "udp_blocked": result.udp_blocked,

@@ -17,6 +17,7 @@ import ssl
 import sys
 from typing import Any
 
+from tsunagu.address import format_address as address_text
 from tsunagu.errors import StunResponseError, TransactionTimeoutError, TsunaguError
 from tsunagu.stun.attributes import Address
 from tsunagu.stun.uri import StunUri, StunUriError
@@ -28,10 +29,7 @@ EXIT_USAGE = 2
 
 def format_address(address: Address | None) -> str | None:
     """``IP:PORT``, IPv6 as ``[addr]:port``; None stays None."""
-    if address is None:
-        return None
-    ip, port = address
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    return None if address is None else address_text(address)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -18,13 +18,9 @@ import logging
 import sys
 from typing import Any
 
+from tsunagu.address import parse_address
 from tsunagu.stun.constants import DEFAULT_PORT, DEFAULT_TLS_PORT
-from tsunagu.stun.server_config import (
-    LOG_LEVELS,
-    StunServerConfig,
-    load_toml,
-    parse_address,
-)
+from tsunagu.stun.server_config import LOG_LEVELS, StunServerConfig, load_toml
 
 
 def _address(default_port: int) -> Any:

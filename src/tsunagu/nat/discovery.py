@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from tsunagu import SOFTWARE
+from tsunagu.address import format_address
 from tsunagu.errors import LocalProtocolError, StunDecodeError
 from tsunagu.nat.behavior import FilteringBehavior, MappingBehavior
 from tsunagu.nat.events import (
@@ -336,11 +337,6 @@ def _normalize(address: Address) -> Address:
     return (ip, port)
 
 
-def _format(address: Address) -> str:
-    ip, port = address
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
 class NatDiscovery:
     """One RFC 5780 discovery run against ``server`` (an IP address and port: resolving
     names is the driver's job), testing the mapping of the local socket ``local``.
@@ -576,12 +572,12 @@ class NatDiscovery:
         elif other[0] == self._server[0] or other[1] == self._server[1]:
             # §6: the alternate address differs from the primary in IP *and* port.
             state.error = (
-                f"server's OTHER-ADDRESS {_format(other)} does not differ from "
-                f"{_format(self._server)} in both IP and port"
+                f"server's OTHER-ADDRESS {format_address(other)} does not differ from "
+                f"{format_address(self._server)} in both IP and port"
             )
             state.alternate = None
         elif (":" in other[0]) != (":" in self._server[0]):
-            state.error = f"server's OTHER-ADDRESS {_format(other)} is of another family"
+            state.error = f"server's OTHER-ADDRESS {format_address(other)} is of another family"
             state.alternate = None
         self._phase = _Phase.FILTERING
         if state.alternate is not None:
@@ -868,9 +864,9 @@ def _filtering_problem(outcome: _Outcome, expected: Address, name: str) -> str |
     if outcome.error is not None:
         return f"{name}: the server answered CHANGE-REQUEST with {outcome.error}"
     if outcome.source != expected:
-        source = _format(outcome.source) if outcome.source is not None else "?"
+        source = format_address(outcome.source) if outcome.source is not None else "?"
         return (
-            f"{name}: the answer came from {source}, not {_format(expected)}: "
+            f"{name}: the answer came from {source}, not {format_address(expected)}: "
             "the server did not honour CHANGE-REQUEST"
         )
     return None

@@ -9,6 +9,8 @@ import ipaddress
 from dataclasses import dataclass, replace
 from enum import Enum, IntFlag
 
+from tsunagu.address import format_address
+
 __all__ = [
     "IPV4_HEADER",
     "IPV6_HEADER",
@@ -77,12 +79,6 @@ def normalize_ip(ip: str) -> str:
 
 def is_ipv6(ip: str) -> bool:
     return ":" in ip
-
-
-def format_address(address: Address) -> str:
-    """``ip:port``, with brackets around an IPv6 address."""
-    ip, port = address
-    return f"[{ip}]:{port}" if is_ipv6(ip) else f"{ip}:{port}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,8 +14,8 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from tsunagu.address import format_address, parse_address
 from tsunagu.stun.constants import DEFAULT_PORT, DEFAULT_TLS_PORT
-from tsunagu.stun.server_config import format_address, parse_address
 from tsunagu.turn.constants import (
     DEFAULT_ALLOCATION_LIFETIME,
     DYNAMIC_PORT_MAX,
