@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 
+from tsunagu.stun.attributes import Address
 from tsunagu.stun.constants import DEFAULT_PORT
 
-Address = tuple[str, int]
-"""A transport address: (IP literal, port). IPv6 literals carry no brackets."""
+__all__ = ["Address", "format_address", "parse_address"]
 
 
 def parse_address(text: str, default_port: int = DEFAULT_PORT) -> Address:
