@@ -9,11 +9,15 @@ with tsunagu.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import struct
 import zlib
+from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tsunagu.errors import RemoteProtocolError, StunDecodeError
 from tsunagu.stun import (
@@ -32,6 +36,7 @@ from tsunagu.stun import (
     new_transaction_id,
     success_response,
 )
+from tsunagu.stun import message as message_module
 from tsunagu.stun.attributes import (
     AdditionalAddressFamily,
     AddressErrorCode,
@@ -78,7 +83,12 @@ from tsunagu.stun.attributes import (
     XorRelayedAddress,
 )
 from tsunagu.stun.constants import is_comprehension_required
-from tsunagu.stun.message import decode_message_type, encode_message_type
+from tsunagu.stun.message import (
+    IntegrityAlgorithm,
+    IntegrityKey,
+    decode_message_type,
+    encode_message_type,
+)
 
 TID = bytes(range(1, 13))
 KEY = b"0123456789abcdefghijkl"
@@ -897,3 +907,363 @@ def test_classify_every_first_byte_and_real_packets() -> None:
         PacketKind.STUN
     )
     assert classify(ChannelData(0x4FFF, b"x").encode()) is PacketKind.CHANNEL_DATA
+
+
+# --- prepared integrity keys ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key_size", [0, 1, 22, 63, 64, 65, 200])
+@pytest.mark.parametrize("algorithm", ["sha1", "sha256"])
+def test_integrity_key_macs_are_hmacs(key_size: int, algorithm: str) -> None:
+    key = bytes(i % 251 for i in range(key_size))  # > 64 bytes: hashed first (RFC 2104)
+    prepared = IntegrityKey(key)
+    for data in (b"", b"x", bytes(68), bytes(range(256)) * 9):
+        assert prepared.mac(data, algorithm) == hmac.digest(key, data, algorithm)  # type: ignore[arg-type]
+    # The prepared states are copied, never consumed: the same MAC again.
+    assert prepared.mac(b"x", algorithm) == hmac.digest(key, b"x", algorithm)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("algorithm", ["sha1", "sha256"])
+@pytest.mark.parametrize("fingerprint", [False, True])
+def test_encode_and_verify_take_a_prepared_key(algorithm: str, fingerprint: bool) -> None:
+    prepared = IntegrityKey(KEY)
+    message = Message(Method.BINDING, MessageClass.REQUEST, TID, [Username("u:v"), Priority(7)])
+    integrity: IntegrityAlgorithm = "sha256" if algorithm == "sha256" else "sha1"
+    data = message.encode(prepared, integrity=integrity, fingerprint=fingerprint)
+    assert data == message.encode(KEY, integrity=integrity, fingerprint=fingerprint)
+    decoded = Message.decode(data)
+    assert decoded.integrity_algorithm == algorithm
+    assert decoded.verify_integrity(prepared)
+    assert decoded.verify_integrity(KEY)
+    assert not decoded.verify_integrity(IntegrityKey(KEY + b"!"))
+    unsigned = Message.decode(message.encode(fingerprint=fingerprint))
+    assert not unsigned.verify_integrity(prepared)
+    assert not message.verify_integrity(prepared)  # built, not decoded
+
+
+@pytest.mark.parametrize("size", [16, 20, 24, 28, 32])
+def test_prepared_key_verifies_truncated_sha256(size: int) -> None:
+    data = add_integrity(wire(tlv(0x0006, b"user")), KEY, "sha256", size)
+    assert Message.decode(data).verify_integrity(IntegrityKey(KEY))
+    assert not Message.decode(data).verify_integrity(IntegrityKey(b"other"))
+
+
+def test_integrity_key_holds_bytes_and_keeps_them_out_of_its_repr() -> None:
+    prepared = IntegrityKey(bytearray(KEY))
+    assert prepared.key == KEY
+    assert type(prepared.key) is bytes
+    assert repr(prepared) == "IntegrityKey(...)"
+    assert IntegrityKey(memoryview(KEY)).mac(b"m") == hmac.digest(KEY, b"m", "sha1")
+    with pytest.raises(ValueError, match="algorithm"):
+        prepared.mac(b"", "md5")  # type: ignore[arg-type]
+
+
+# --- the attribute encoder hook -------------------------------------------------------------
+
+
+def test_a_subclass_overriding_encode_value_is_encoded_through_it() -> None:
+    class Shouting(Username):
+        __slots__ = ()
+
+        def encode_value(self, xor_key: bytes) -> bytes:
+            return self.value.upper().encode()
+
+    message = Message(Method.BINDING, MessageClass.INDICATION, TID, [Shouting("abc")])
+    assert message.encode() == wire(tlv(0x0006, b"ABC"), 0x0011)
+
+
+def test_a_subclass_overriding_decode_value_is_decoded_through_it() -> None:
+    class Strict(Priority):
+        __slots__ = ()
+
+        @classmethod
+        def decode_value(cls, value: bytes, xor_key: bytes) -> Strict:
+            raise StunDecodeError("strict")
+
+    assert Priority._LAYOUT == "I"
+    assert Strict._LAYOUT is None  # so a compiled shape calls decode_value
+
+
+def test_computed_attributes_encode_to_nothing_and_unknown_ones_as_they_are() -> None:
+    xor_key = COOKIE + TID
+    for attribute in (MessageIntegrity(bytes(20)), MessageIntegritySha256(bytes(32))):
+        assert attribute._encode_tlv(xor_key) == b""
+    assert Fingerprint(1)._encode_tlv(xor_key) == b""
+    assert UnknownAttribute(0x8028, b"abcde")._encode_tlv(xor_key) == tlv(0x8028, b"abcde")
+
+
+@pytest.mark.parametrize("cls", PLAIN_CLASSES, ids=lambda c: c.__name__)
+def test_encode_tlv_is_header_value_and_padding(cls: type[Attribute]) -> None:
+    xor_key = COOKIE + TID
+    for attribute in EXAMPLES[cls]:
+        assert attribute._encode_tlv(xor_key) == tlv(cls.TYPE, attribute.encode_value(xor_key))
+
+
+def test_ipv4_addresses_outside_the_canonical_form_still_encode_as_before() -> None:
+    # inet_pton takes the canonical dotted quad; what it refuses goes the old way.
+    xor_key = COOKIE + TID
+    canonical = XorMappedAddress(("10.0.0.1", 80)).encode_value(xor_key)
+    assert XorMappedAddress(("010.0.0.1", 80)).encode_value(xor_key) == canonical
+    assert MappedAddress(("010.000.0.01", 80)).encode_value(b"") == (
+        MappedAddress(("10.0.0.1", 80)).encode_value(b"")
+    )
+    for bad in ("256.0.0.1", "1.2.3", "1.2.3.4\x00", "x"):
+        with pytest.raises(ValueError, match="not an IP address"):
+            XorMappedAddress((bad, 80)).encode_value(xor_key)
+
+
+# --- compiled message shapes ----------------------------------------------------------------
+#
+# The decoder learns a message layout the second time it sees it and from then on decodes
+# that layout with one struct call. These tests hold it to the general walk: same result,
+# same exception, for the learnt layouts and for every value byte changed under them.
+
+
+@contextlib.contextmanager
+def general_walk_only() -> Iterator[None]:
+    """Decode with the general attribute walk alone: no shape used, none learnt."""
+    saved = message_module._SHAPES, message_module._SHAPE_MAX_SIZE
+    message_module._SHAPES, message_module._SHAPE_MAX_SIZE = {}, -1
+    try:
+        yield
+    finally:
+        message_module._SHAPES, message_module._SHAPE_MAX_SIZE = saved
+
+
+def outcome(data: bytes) -> tuple[object, ...]:
+    """Everything decode() gives for ``data``: the message as callers see it, or the error."""
+    try:
+        message = Message.decode(data)
+    except StunDecodeError as exc:
+        return ("error", str(exc))
+    return (
+        "ok",
+        message.method,
+        message.message_class,
+        message.transaction_id,
+        message.legacy,
+        message.raw,
+        message.attributes,
+        message.integrity_algorithm,
+        message.verify_integrity(KEY),
+        message.verify_integrity(IntegrityKey(KEY)),
+    )
+
+
+def reference(data: bytes) -> tuple[object, ...]:
+    with general_walk_only():
+        return outcome(data)
+
+
+def learn(data: bytes) -> None:
+    """Decode ``data`` until its layout has a compiled shape."""
+    for _ in range(2):
+        Message.decode(data)
+    key = (len(data) << 32) | struct.unpack_from("!I", data, 20)[0]
+    assert key in message_module._SHAPES
+
+
+def refingerprint(data: bytes) -> bytes:
+    """``data`` with its FINGERPRINT (if it ends with one) recomputed."""
+    if len(data) >= 28 and data[-8:-4] == b"\x80\x28\x00\x04":
+        crc = zlib.crc32(data[:-8]) ^ 0x5354554E
+        return data[:-4] + struct.pack("!I", crc)
+    return data
+
+
+@pytest.fixture
+def shape_uses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Fresh shape tables, and a record of each time decode() tries a compiled shape:
+    "applied", "skipped" (its headers differ) or "raised"."""
+    monkeypatch.setattr(message_module, "_SHAPES", {})
+    monkeypatch.setattr(message_module, "_SHAPE_CANDIDATES", {})
+    uses: list[str] = []
+    apply_shape = message_module._apply_shape
+
+    def spy(*args: object) -> bool:
+        try:
+            applied = apply_shape(*args)  # type: ignore[arg-type]
+        except StunDecodeError:
+            uses.append("raised")
+            raise
+        uses.append("applied" if applied else "skipped")
+        return applied
+
+    monkeypatch.setattr(message_module, "_apply_shape", spy)
+    return uses
+
+
+def _ice_request(role: Attribute, use_candidate: bool) -> bytes:
+    attributes = [Username("evtj:h6vY"), Priority(0x6E0001FF), role]
+    if use_candidate:
+        attributes.append(UseCandidate())
+    return Message(Method.BINDING, MessageClass.REQUEST, TID, attributes).encode(
+        KEY, fingerprint=True
+    )
+
+
+LAYOUTS = {
+    "ice request, controlling": _ice_request(IceControlling(1), True),
+    "ice request, controlled": _ice_request(IceControlled(2), False),
+    "ice response": Message(
+        Method.BINDING, MessageClass.SUCCESS, TID, [XorMappedAddress(("192.0.2.1", 32853))]
+    ).encode(KEY, fingerprint=True),
+    "ipv6 response, sha256": Message(
+        Method.BINDING, MessageClass.SUCCESS, TID, [XorMappedAddress(("2001:db8::1", 1))]
+    ).encode(KEY, integrity="sha256", fingerprint=True),
+    "401": Message(
+        Method.ALLOCATE,
+        MessageClass.ERROR,
+        TID,
+        [ErrorCodeAttr(401, "Unauthorized"), Realm("example.org"), Nonce("n0nce"), Software("x")],
+    ).encode(fingerprint=True),
+    "send indication": Message(
+        Method.SEND,
+        MessageClass.INDICATION,
+        TID,
+        [XorPeerAddress(("198.51.100.1", 49152)), Data(b"odd"), DontFragment()],
+    ).encode(),
+    "rfc 3489": Message(
+        Method.BINDING,
+        MessageClass.SUCCESS,
+        bytes(range(16)),
+        [MappedAddress(("192.0.2.1", 3478)), Software("old")],
+        legacy=True,
+    ).encode(),
+    "unknown attributes": Message(
+        Method.BINDING,
+        MessageClass.REQUEST,
+        TID,
+        [UnknownAttribute(0x7FFF, b"abc"), EvenPort(True), UnknownAttribute(0xC057, b"")],
+    ).encode(KEY),
+    "after integrity": add_fingerprint(
+        add_integrity(
+            wire(tlv(0x0006, b"user") + tlv(0x0008, bytes(20)) + tlv(0x8022, b"ignored")),
+            KEY,
+            "sha256",
+            16,
+        )
+    ),
+    "mi then sha256": add_integrity(add_integrity(wire(tlv(0x0024, bytes(4))), KEY), KEY, "sha256"),
+    **{
+        f"classes {start}-": Message(
+            Method.ALLOCATE,
+            MessageClass.REQUEST,
+            TID,
+            [EXAMPLES[cls][-1] for cls in PLAIN_CLASSES[start : start + 10]],
+        ).encode(KEY, fingerprint=True)
+        for start in range(0, len(PLAIN_CLASSES), 10)
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_learnt_shapes_decode_like_the_general_walk(name: str, shape_uses: list[str]) -> None:
+    data = LAYOUTS[name]
+    expected = reference(data)
+    assert expected[0] == "ok"
+    learn(data)
+    shape_uses.clear()
+    assert outcome(data) == expected
+    assert shape_uses == ["applied"]
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_every_value_byte_changed_under_a_learnt_shape(name: str) -> None:
+    """Flip every byte after the header, with FINGERPRINT fixed up or not: whatever the
+    general walk says about the result (a message, or which error), decode() says too."""
+    data = LAYOUTS[name]
+    learn(data)
+    for position in range(20, len(data)):
+        for mask in (0x01, 0x80, 0xFF):
+            changed = bytearray(data)
+            changed[position] ^= mask
+            for candidate in (bytes(changed), refingerprint(bytes(changed))):
+                assert outcome(candidate) == reference(candidate), (position, mask)
+
+
+def test_shape_path_rejects_bad_values(shape_uses: list[str]) -> None:
+    request = LAYOUTS["ice request, controlling"]
+    learn(request)
+    response = LAYOUTS["ice response"]
+    learn(response)
+    username = request.index(b"evtj:h6vY")
+    bad_username = refingerprint(request[:username] + b"\xff" + request[username + 1 :])
+    bad_family = refingerprint(response[:25] + b"\x03" + response[26:])
+    bad_fingerprint = request[:-1] + bytes([request[-1] ^ 1])
+    shape_uses.clear()
+    for data, reason in (
+        (bad_username, "not UTF-8"),
+        (bad_family, "family"),
+        (bad_fingerprint, "FINGERPRINT does not match"),
+    ):
+        with pytest.raises(StunDecodeError, match=reason):
+            Message.decode(data)
+    assert shape_uses == ["raised"] * 3  # by the shapes, with the walk's errors
+
+
+def test_layouts_sharing_a_key_each_keep_a_shape(shape_uses: list[str]) -> None:
+    # Same size and first attribute header; only the role attribute differs.
+    controlling = _ice_request(IceControlling(1), False)
+    controlled = _ice_request(IceControlled(1), False)
+    assert len(controlling) == len(controlled)
+    learn(controlling)
+    learn(controlled)
+    shape_uses.clear()
+    assert Message.decode(controlling).get(IceControlling) == IceControlling(1)
+    assert Message.decode(controlled).get(IceControlled) == IceControlled(1)
+    assert shape_uses == ["applied", "skipped", "applied"]
+
+
+def test_shape_tables_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(message_module, "_SHAPES", {})
+    monkeypatch.setattr(message_module, "_SHAPE_CANDIDATES", {})
+    monkeypatch.setattr(message_module, "_MAX_SHAPE_KEYS", 8)
+    monkeypatch.setattr(message_module, "_MAX_SHAPE_CANDIDATES", 16)
+    for size in range(100):
+        data = Message(Method.SEND, MessageClass.INDICATION, TID, [Data(bytes(size))]).encode()
+        for _ in range(3):
+            assert Message.decode(data).get(Data) == Data(bytes(size))
+        assert len(message_module._SHAPES) <= 8
+        assert len(message_module._SHAPE_CANDIDATES) <= 16
+
+
+def test_large_messages_get_no_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(message_module, "_SHAPES", {})
+    data = Message(Method.SEND, MessageClass.INDICATION, TID, [Data(bytes(2000))]).encode()
+    for _ in range(3):
+        Message.decode(data)
+    assert message_module._SHAPES == {}
+
+
+_shape_attributes = st.sampled_from(
+    [attribute for cls in PLAIN_CLASSES for attribute in EXAMPLES[cls]]
+    + [UnknownAttribute(0x7FFE, b"\x01\x02\x03"), UnknownAttribute(0xC001, b"")]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(_shape_attributes, max_size=6),
+    st.sampled_from([None, "sha1", "sha256"]),
+    st.booleans(),
+    st.data(),
+)
+def test_changed_values_under_learnt_shapes_decode_like_the_general_walk(
+    attributes: list[Attribute], integrity: str | None, fingerprint: bool, data: st.DataObject
+) -> None:
+    key = None if integrity is None else KEY
+    algorithm: IntegrityAlgorithm = "sha256" if integrity == "sha256" else "sha1"
+    message = Message(Method.BINDING, MessageClass.REQUEST, TID, attributes)
+    encoded = message.encode(key, integrity=algorithm, fingerprint=fingerprint)
+    if len(encoded) == 20:
+        return
+    if len(encoded) <= message_module._SHAPE_MAX_SIZE:
+        learn(encoded)
+    assert outcome(encoded) == reference(encoded)
+    changed = bytearray(encoded)
+    for _ in range(data.draw(st.integers(1, 4))):
+        position = data.draw(st.integers(20, len(changed) - 1))
+        changed[position] = data.draw(st.integers(0, 255))
+    for candidate in (bytes(changed), refingerprint(bytes(changed))):
+        assert outcome(candidate) == reference(candidate)

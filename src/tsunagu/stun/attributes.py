@@ -7,11 +7,26 @@ value (unpadded) and ``decode_value(value, xor_key)`` builds the attribute from 
 bytes of the header after the type and length (magic cookie + transaction ID), which the
 XOR address attributes need (RFC 8489 §14.2). Attributes we do not know are kept raw as
 :class:`UnknownAttribute` so a message can be re-encoded and inspected.
+
+The encoder also asks each attribute for its whole wire form (``_encode_tlv``: header,
+value, padding) in one call. The base class derives it from ``encode_value``; the common
+classes override it with one ``struct`` call. A subclass that overrides ``encode_value``
+(here or in user code) gets the derived form back automatically, so ``encode_value`` stays
+the one method a new attribute has to write.
+
+For the decoder's compiled message shapes (see :mod:`tsunagu.stun.message`) a class may
+declare ``_LAYOUT``: how its value maps to the single constructor argument once the value's
+length is known to be valid. ``"I"`` / ``"Q"``: one big-endian unsigned 32/64-bit integer;
+``"s"``: the value bytes as they are; ``"utf-8"``: the value decoded as UTF-8, which
+``decode_value`` rejects with its own error when it is not; ``""``: no argument (an empty
+value); None (the default): only ``decode_value`` knows, and the decoder calls it. A
+subclass that overrides ``decode_value`` gets None back automatically.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 from dataclasses import dataclass
 from typing import ClassVar, Self
@@ -27,6 +42,21 @@ _U32 = struct.Struct("!I")
 _U64 = struct.Struct("!Q")
 _ADDR_HEAD = struct.Struct("!BBH")
 _XOR_V4 = struct.Struct("!BBHI")  # reserved, family, port, IPv4 address
+# Whole attributes (type, length, value) for the encoder's one-call forms.
+_TLV_HEAD = struct.Struct("!HH")
+_TLV_U32 = struct.Struct("!HHI")
+_TLV_U64 = struct.Struct("!HHQ")
+_TLV_XOR_V4 = struct.Struct("!HHBBHI")
+_PADDING = (b"", b"\x00\x00\x00", b"\x00\x00", b"\x00")  # by value length & 3
+_inet_pton = socket.inet_pton
+_inet_ntoa = socket.inet_ntoa
+_AF_INET = socket.AF_INET
+# RFC 8489 §14.5-14.7: the encoder computes these itself; a copy in a message's attribute
+# list is not written out (``_encode_tlv`` gives b"").
+_COMPUTED_TYPES = frozenset(
+    int(t)
+    for t in (AttrType.MESSAGE_INTEGRITY, AttrType.MESSAGE_INTEGRITY_SHA256, AttrType.FINGERPRINT)
+)
 
 
 class Attribute:
@@ -34,6 +64,16 @@ class Attribute:
 
     __slots__ = ()
     TYPE: ClassVar[int]
+    _LAYOUT: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        # A class with its own encode_value (decode_value) but no matching _encode_tlv
+        # (_LAYOUT) must not inherit a specialised one that would bypass it.
+        if "encode_value" in cls.__dict__ and "_encode_tlv" not in cls.__dict__:
+            cls._encode_tlv = Attribute._encode_tlv  # type: ignore[method-assign]
+        if "decode_value" in cls.__dict__ and "_LAYOUT" not in cls.__dict__:
+            cls._LAYOUT = None
 
     def encode_value(self, xor_key: bytes) -> bytes:
         raise NotImplementedError
@@ -41,6 +81,19 @@ class Attribute:
     @classmethod
     def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
         raise NotImplementedError
+
+    def _encode_tlv(self, xor_key: bytes) -> bytes:
+        """The attribute as the encoder writes it: type, length, value, zero padding to a
+        multiple of 4 bytes; b"" for MESSAGE-INTEGRITY(-SHA256) and FINGERPRINT, which the
+        encoder computes. Raises ValueError for a value longer than 65535 bytes."""
+        attr_type = self.TYPE
+        if attr_type in _COMPUTED_TYPES:
+            return b""
+        value = self.encode_value(xor_key)
+        length = len(value)
+        if length > 0xFFFF:
+            raise ValueError("attribute value longer than 65535 bytes")
+        return _TLV_HEAD.pack(attr_type, length) + value + _PADDING[length & 3]
 
 
 @dataclass(slots=True)
@@ -54,6 +107,14 @@ class UnknownAttribute(Attribute):
     def encode_value(self, xor_key: bytes) -> bytes:
         return self.value
 
+    def _encode_tlv(self, xor_key: bytes) -> bytes:
+        # Written as is, whatever its type (even one the encoder would compute).
+        value = self.value
+        length = len(value)
+        if length > 0xFFFF:
+            raise ValueError("attribute value longer than 65535 bytes")
+        return _TLV_HEAD.pack(self.attr_type, length) + value + _PADDING[length & 3]
+
 
 # --- addresses (RFC 8489 §14.1, §14.2) -----------------------------------------------------
 
@@ -66,6 +127,10 @@ _XOR_PORT = 0x2112  # RFC 8489 §14.2: the port is XOR'd with the cookie's high 
 
 def _pack_ip(ip: str) -> tuple[int, bytes]:
     if ":" not in ip:
+        try:  # a canonical dotted quad, in C
+            return _IPV4, _inet_pton(_AF_INET, ip)
+        except (OSError, ValueError):
+            pass  # below: what inet_pton is too strict for, or an error with our message
         parts = ip.split(".")
         if len(parts) == 4:
             try:
@@ -81,7 +146,7 @@ def _pack_ip(ip: str) -> tuple[int, bytes]:
 
 def _unpack_ip(family: int, raw: bytes) -> str:
     if family == _IPV4:
-        return f"{raw[0]}.{raw[1]}.{raw[2]}.{raw[3]}"
+        return _inet_ntoa(raw)
     return str(ipaddress.IPv6Address(raw))
 
 
@@ -133,54 +198,79 @@ class _XorAddressAttribute(Attribute):
             return _XOR_V4.pack(0, _IPV4, port ^ _XOR_PORT, int.from_bytes(raw) ^ mask)
         return _ADDR_HEAD.pack(0, family, port ^ _XOR_PORT) + _xor(raw, xor_key)
 
+    def _encode_tlv(self, xor_key: bytes) -> bytes:
+        ip, port = self.address
+        if ":" not in ip:  # _pack_ip()'s fast path, inlined; header and value in one pack
+            try:
+                n = int.from_bytes(_inet_pton(_AF_INET, ip)) ^ int.from_bytes(xor_key[:4])
+            except (OSError, ValueError):
+                pass
+            else:
+                return _TLV_XOR_V4.pack(self.TYPE, 8, 0, _IPV4, port ^ _XOR_PORT, n)
+        family, raw = _pack_ip(ip)
+        if family == _IPV4:
+            n = int.from_bytes(raw) ^ int.from_bytes(xor_key[:4])
+            return _TLV_XOR_V4.pack(self.TYPE, 8, 0, _IPV4, port ^ _XOR_PORT, n)
+        value = _ADDR_HEAD.pack(0, family, port ^ _XOR_PORT) + _xor(raw, xor_key)
+        return _TLV_HEAD.pack(self.TYPE, 20) + value
+
     @classmethod
     def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
         if len(value) == 8 and value[1] == _IPV4:  # the common case, without slicing
             _, _, port, n = _XOR_V4.unpack(value)
             n ^= int.from_bytes(xor_key[:4])
-            ip = f"{n >> 24}.{(n >> 16) & 0xFF}.{(n >> 8) & 0xFF}.{n & 0xFF}"
-            return cls((ip, port ^ _XOR_PORT))
+            return cls((_inet_ntoa(n.to_bytes(4)), port ^ _XOR_PORT))
         family, port, raw = _decode_address(value)
         return cls((_unpack_ip(family, _xor(raw, xor_key)), port ^ _XOR_PORT))
 
 
 class MappedAddress(_PlainAddressAttribute):
+    __slots__ = ()
     TYPE = AttrType.MAPPED_ADDRESS
 
 
 class ResponseAddress(_PlainAddressAttribute):
+    __slots__ = ()
     TYPE = AttrType.RESPONSE_ADDRESS
 
 
 class SourceAddress(_PlainAddressAttribute):
+    __slots__ = ()
     TYPE = AttrType.SOURCE_ADDRESS
 
 
 class ChangedAddress(_PlainAddressAttribute):
+    __slots__ = ()
     TYPE = AttrType.CHANGED_ADDRESS
 
 
 class AlternateServer(_PlainAddressAttribute):
+    __slots__ = ()
     TYPE = AttrType.ALTERNATE_SERVER
 
 
 class ResponseOrigin(_PlainAddressAttribute):
+    __slots__ = ()
     TYPE = AttrType.RESPONSE_ORIGIN
 
 
 class OtherAddress(_PlainAddressAttribute):
+    __slots__ = ()
     TYPE = AttrType.OTHER_ADDRESS
 
 
 class XorMappedAddress(_XorAddressAttribute):
+    __slots__ = ()
     TYPE = AttrType.XOR_MAPPED_ADDRESS
 
 
 class XorPeerAddress(_XorAddressAttribute):
+    __slots__ = ()
     TYPE = AttrType.XOR_PEER_ADDRESS
 
 
 class XorRelayedAddress(_XorAddressAttribute):
+    __slots__ = ()
     TYPE = AttrType.XOR_RELAYED_ADDRESS
 
 
@@ -191,12 +281,20 @@ class XorRelayedAddress(_XorAddressAttribute):
 class _TextAttribute(Attribute):
     value: str
     MAX_BYTES: ClassVar[int] = 763  # "fewer than 128 characters, which can be up to 763 bytes"
+    _LAYOUT = "utf-8"
 
     def encode_value(self, xor_key: bytes) -> bytes:
         raw = self.value.encode()
         if len(raw) > self.MAX_BYTES:
             raise ValueError(f"{type(self).__name__} longer than {self.MAX_BYTES} bytes")
         return raw
+
+    def _encode_tlv(self, xor_key: bytes) -> bytes:
+        raw = self.value.encode()
+        length = len(raw)
+        if length > self.MAX_BYTES:
+            raise ValueError(f"{type(self).__name__} longer than {self.MAX_BYTES} bytes")
+        return _TLV_HEAD.pack(self.TYPE, length) + raw + _PADDING[length & 3]
 
     @classmethod
     def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
@@ -209,6 +307,7 @@ class _TextAttribute(Attribute):
 
 
 class Username(_TextAttribute):
+    __slots__ = ()
     TYPE = AttrType.USERNAME
     # RFC 8489 §14.3 asks senders for fewer than 509 bytes; RFC 5389 allowed 513, and we
     # accept what older peers send.
@@ -216,18 +315,22 @@ class Username(_TextAttribute):
 
 
 class Realm(_TextAttribute):
+    __slots__ = ()
     TYPE = AttrType.REALM
 
 
 class Nonce(_TextAttribute):
+    __slots__ = ()
     TYPE = AttrType.NONCE
 
 
 class Software(_TextAttribute):
+    __slots__ = ()
     TYPE = AttrType.SOFTWARE
 
 
 class AlternateDomain(_TextAttribute):
+    __slots__ = ()
     TYPE = AttrType.ALTERNATE_DOMAIN
     MAX_BYTES = 255  # a DNS name
 
@@ -239,9 +342,17 @@ class AlternateDomain(_TextAttribute):
 class _BytesAttribute(Attribute):
     value: bytes
     SIZES: ClassVar[tuple[int, ...] | None] = None  # allowed lengths; None = any
+    _LAYOUT = "s"
 
     def encode_value(self, xor_key: bytes) -> bytes:
         return self.value
+
+    def _encode_tlv(self, xor_key: bytes) -> bytes:
+        value = self.value
+        length = len(value)
+        if length > 0xFFFF:
+            raise ValueError("attribute value longer than 65535 bytes")
+        return _TLV_HEAD.pack(self.TYPE, length) + value + _PADDING[length & 3]
 
     @classmethod
     def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
@@ -251,31 +362,43 @@ class _BytesAttribute(Attribute):
 
 
 class Data(_BytesAttribute):
+    __slots__ = ()
     TYPE = AttrType.DATA
 
 
 class Padding(_BytesAttribute):
+    __slots__ = ()
     TYPE = AttrType.PADDING
 
 
 class ReservationToken(_BytesAttribute):
+    __slots__ = ()
     TYPE = AttrType.RESERVATION_TOKEN
     SIZES = (8,)
 
 
 class Userhash(_BytesAttribute):
+    __slots__ = ()
     TYPE = AttrType.USERHASH
     SIZES = (32,)
 
 
 class MessageIntegrity(_BytesAttribute):
+    __slots__ = ()
     TYPE = AttrType.MESSAGE_INTEGRITY
     SIZES = (20,)
 
+    def _encode_tlv(self, xor_key: bytes) -> bytes:
+        return b""  # computed by the encoder
+
 
 class MessageIntegritySha256(_BytesAttribute):
+    __slots__ = ()
     TYPE = AttrType.MESSAGE_INTEGRITY_SHA256
     SIZES = (16, 20, 24, 28, 32)  # RFC 8489 §14.6: truncated to at least 16, multiple of 4
+
+    def _encode_tlv(self, xor_key: bytes) -> bytes:
+        return b""  # computed by the encoder
 
 
 # --- integers ------------------------------------------------------------------------------
@@ -284,9 +407,13 @@ class MessageIntegritySha256(_BytesAttribute):
 @dataclass(slots=True)
 class _U32Attribute(Attribute):
     value: int
+    _LAYOUT = "I"
 
     def encode_value(self, xor_key: bytes) -> bytes:
         return _U32.pack(self.value)
+
+    def _encode_tlv(self, xor_key: bytes) -> bytes:
+        return _TLV_U32.pack(self.TYPE, 4, self.value)
 
     @classmethod
     def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
@@ -298,9 +425,13 @@ class _U32Attribute(Attribute):
 @dataclass(slots=True)
 class _U64Attribute(Attribute):
     value: int
+    _LAYOUT = "Q"
 
     def encode_value(self, xor_key: bytes) -> bytes:
         return _U64.pack(self.value)
+
+    def _encode_tlv(self, xor_key: bytes) -> bytes:
+        return _TLV_U64.pack(self.TYPE, 8, self.value)
 
     @classmethod
     def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
@@ -310,28 +441,38 @@ class _U64Attribute(Attribute):
 
 
 class Fingerprint(_U32Attribute):
+    __slots__ = ()
     TYPE = AttrType.FINGERPRINT
+
+    def _encode_tlv(self, xor_key: bytes) -> bytes:
+        return b""  # computed by the encoder
 
 
 class Lifetime(_U32Attribute):
+    __slots__ = ()
     TYPE = AttrType.LIFETIME
 
 
 class Priority(_U32Attribute):
+    __slots__ = ()
     TYPE = AttrType.PRIORITY
 
 
 class ConnectionId(_U32Attribute):
+    __slots__ = ()
     TYPE = AttrType.CONNECTION_ID
 
 
 class IceControlled(_U64Attribute):
     """RFC 8445 §16.1: carries the agent's tie-breaker."""
 
+    __slots__ = ()
+
     TYPE = AttrType.ICE_CONTROLLED
 
 
 class IceControlling(_U64Attribute):
+    __slots__ = ()
     TYPE = AttrType.ICE_CONTROLLING
 
 
@@ -374,8 +515,13 @@ class ResponsePort(Attribute):
 
 @dataclass(slots=True)
 class _EmptyAttribute(Attribute):
+    _LAYOUT = ""
+
     def encode_value(self, xor_key: bytes) -> bytes:
         return b""
+
+    def _encode_tlv(self, xor_key: bytes) -> bytes:
+        return _TLV_HEAD.pack(self.TYPE, 0)
 
     @classmethod
     def decode_value(cls, value: bytes, xor_key: bytes) -> Self:
@@ -385,10 +531,12 @@ class _EmptyAttribute(Attribute):
 
 
 class UseCandidate(_EmptyAttribute):
+    __slots__ = ()
     TYPE = AttrType.USE_CANDIDATE
 
 
 class DontFragment(_EmptyAttribute):
+    __slots__ = ()
     TYPE = AttrType.DONT_FRAGMENT
 
 
@@ -411,17 +559,23 @@ class _OneByteAttribute(Attribute):
 class RequestedTransport(_OneByteAttribute):
     """RFC 8656 §18.4: the IANA protocol number (17 = UDP, 6 = TCP per RFC 6062)."""
 
+    __slots__ = ()
+
     TYPE = AttrType.REQUESTED_TRANSPORT
 
 
 class RequestedAddressFamily(_OneByteAttribute):
     """RFC 8656 §18.5: 0x01 IPv4, 0x02 IPv6."""
 
+    __slots__ = ()
+
     TYPE = AttrType.REQUESTED_ADDRESS_FAMILY
 
 
 class AdditionalAddressFamily(_OneByteAttribute):
     """RFC 8656 §18.11: only 0x02 (IPv6) is meaningful."""
+
+    __slots__ = ()
 
     TYPE = AttrType.ADDITIONAL_ADDRESS_FAMILY
 
@@ -645,4 +799,5 @@ ATTRIBUTE_CLASSES: dict[int, type[Attribute]] = {
         OtherAddress,
     )
 }
-"""Every attribute type this codec interprets, by type number."""
+"""Every attribute type this codec interprets, by type number. Read-only: the decoder
+compiles message layouts from it (and from each class's ``_LAYOUT``)."""
