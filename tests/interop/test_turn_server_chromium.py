@@ -11,26 +11,23 @@ A missing program is a failure, not a skip."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import http.server
 import json
 import os
 import queue
 import re
 import select
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:  # tests/interop/chromium.py, shared by the browser tests
+    sys.path.insert(0, _HERE)
+from chromium import PageServer, launch, program, socket_in_namespace, stop  # noqa: E402
 
 pytestmark = [pytest.mark.interop, pytest.mark.netns]
 
@@ -38,7 +35,6 @@ RELAY_IP = "10.213.0.1"
 GATEWAY_IP = "10.213.0.2"
 USER, PASSWORD = "chromium", "relay-me"
 TIMEOUT = 30.0
-_CLONE_NEWNET = 0x40000000
 
 PAGE = """<!doctype html><html><body><script>
 (async () => {
@@ -67,13 +63,6 @@ PAGE = """<!doctype html><html><body><script>
 })();
 </script></body></html>
 """
-
-
-def program(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is not installed (Debian package {package}); this test needs it")
-    return path
 
 
 def ip(*args: str) -> None:
@@ -109,93 +98,7 @@ def namespace() -> Iterator[str]:
             )
 
 
-def socket_in_namespace(name: str) -> socket.socket:
-    """A TCP socket listening on 127.0.0.1 of namespace ``name``: created by a thread that
-    entered it (setns changes only the calling thread's namespace)."""
-    made: list[socket.socket | BaseException] = []
-
-    def enter_and_listen() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            with open(f"/run/netns/{name}") as handle:
-                if libc.setns(handle.fileno(), _CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns failed")
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sock.listen(16)
-            made.append(sock)
-        except BaseException as exc:
-            made.append(exc)
-
-    thread = threading.Thread(target=enter_and_listen)
-    thread.start()
-    thread.join(10)
-    result = made[0]
-    if isinstance(result, BaseException):
-        raise result
-    return result
-
-
-class PageServer:
-    """Serves the page and receives Chromium's POST of the gathered candidates."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        results: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.results = results
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = PAGE.encode() if self.path.startswith("/page") else b""
-                self.send_response(200 if body else 404)
-                self.send_header("Content-Type", "text/html")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length", "0"))
-                results.put(json.loads(self.rfile.read(min(length, 1 << 20))))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(
-            sock.getsockname(), Handler, bind_and_activate=False
-        )
-        self.httpd.socket.close()
-        self.httpd.socket = sock
-        self.port: int = sock.getsockname()[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def stop(process: subprocess.Popen[Any], *, group: bool = False) -> None:
-    """SIGTERM (to the process group we started, for Chromium's helpers), then SIGKILL."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            if group:
-                os.killpg(process.pid, signal.SIGTERM)
-            else:
-                process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                if group:
-                    os.killpg(process.pid, signal.SIGKILL)
-                else:
-                    process.kill()
-            process.wait(10)
-
-
 def test_chromium_gathers_a_relay_candidate_from_our_server(namespace: str) -> None:
-    chromium = program("chromium", "chromium")
     netns = ["ip", "netns", "exec", namespace]
     with tempfile.TemporaryDirectory() as home:
         log_path = Path(home) / "turn.log"
@@ -221,26 +124,14 @@ def test_chromium_gathers_a_relay_candidate_from_our_server(namespace: str) -> N
             match = re.search(r"udp 127\.0\.0\.1:(\d+)", line)
             assert match, f"turn-server did not start: {line!r} {log_path.read_text()}"
             port = int(match.group(1))
-            page = PageServer(socket_in_namespace(namespace))
+            page = PageServer(socket_in_namespace(namespace), PAGE)
             url = (
                 f"http://127.0.0.1:{page.port}/page?turn=turn:127.0.0.1:{port}?transport=udp"
                 f"&user={USER}&password={PASSWORD}"
             )
-            env = {**os.environ, "HOME": home, "XDG_CONFIG_HOME": home, "XDG_CACHE_HOME": home}
-            browser = subprocess.Popen(
-                [
-                    *netns, chromium, "--headless", "--no-sandbox", "--disable-gpu",
-                    "--disable-quic", "--no-first-run", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={Path(home) / 'profile'}", url,
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,  # its own process group: helpers are stopped with it
-            )  # fmt: skip
+            browser = launch(namespace, url, home)
             try:
-                result = page.results.get(timeout=TIMEOUT)
+                _, result = page.posts.get(timeout=TIMEOUT)
             except queue.Empty:
                 pytest.fail(f"Chromium reported nothing within {TIMEOUT} s")
             relays = [c for c in result["candidates"] if " typ relay" in c]

@@ -157,8 +157,10 @@ class Process:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(timeout=STOP_TIMEOUT)
-        if self.popen.stdout is not None:
-            self.popen.stdout.close()
+        for pipe in (self.popen.stdin, self.popen.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
         self._stderr.close()
 
     def stderr_text(self) -> str:
@@ -207,12 +209,18 @@ class Namespace:
         """Load an nftables ruleset (``nft -f -``) into this namespace only."""
         self.run("nft", "-f", "-", stdin=ruleset)
 
-    def start(self, *argv: str) -> Process:
-        """Start a long-running process inside the namespace; the lab stops it."""
+    def start(self, *argv: str, stdin: bool = False) -> Process:
+        """Start a long-running process inside the namespace; the lab stops it. With
+        ``stdin`` its standard input is a pipe (``process.popen.stdin``)."""
         command = ["ip", "netns", "exec", self.name, *_program(argv)]
         stderr = tempfile.TemporaryFile()  # noqa: SIM115 - the Process closes it
         try:
-            popen = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr)
+            popen = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE if stdin else None,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+            )
         except OSError:
             stderr.close()
             raise

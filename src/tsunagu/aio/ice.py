@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
+from tsunagu.aio.ice_mdns import MdnsCandidates
 from tsunagu.aio.turn_client import TurnClient, TurnDatagramTransport
 from tsunagu.errors import LocalProtocolError, TsunaguError
 from tsunagu.ice.agent import IceAgent
@@ -49,6 +51,8 @@ from tsunagu.ice.events import (
     SelectedPairChanged,
 )
 from tsunagu.ice.pair import PairInfo
+from tsunagu.ice.policy import address_problem
+from tsunagu.mdns.responder import MdnsConfig
 
 __all__ = [
     "IceClosedError",
@@ -62,6 +66,8 @@ __all__ = [
 # a UDP socket sends nothing, it only asks the kernel for a route (RFC 5737 / RFC 3849
 # documentation prefixes, so no real host is ever named).
 _PROBE_TARGETS = ((socket.AF_INET, "192.0.2.1"), (socket.AF_INET6, "2001:db8::1"))
+logger = logging.getLogger(__name__)
+
 _GATHER_LIMIT = 10.0
 """Seconds :meth:`IceConnection.gather` waits at most for server-reflexive answers (the
 core's own gathering transactions give up well before)."""
@@ -133,6 +139,12 @@ class IceConnection:
     host addresses). ``stun_servers``: ``(host, port)`` of STUN servers for
     server-reflexive candidates; ``turn_servers`` for relayed ones (``relay_only``: no
     host or server-reflexive candidates at all). ``config`` tunes the core (:class:`IceConfig`).
+
+    mDNS (:mod:`tsunagu.aio.ice_mdns`): ``mdns`` hides the host addresses behind random
+    ``.local`` names in :attr:`local_candidates` (announced and answered on each host
+    interface from :meth:`gather` on, which also catches names the remote announces
+    unprompted); ``resolve_mdns`` (default on) resolves remote ``.local`` candidates
+    before the agent sees them -- an unresolved one is dropped with a log line.
     """
 
     def __init__(
@@ -145,6 +157,8 @@ class IceConnection:
         host_addresses: Sequence[str] | None = None,
         allow_loopback: bool = False,
         config: IceConfig | None = None,
+        mdns: bool = False,
+        resolve_mdns: bool = True,
     ) -> None:
         config = config if config is not None else IceConfig()
         if config.components != 1:
@@ -175,6 +189,18 @@ class IceConnection:
         self._remote_password: str | None = None
         self._gathering_started = False
         self._closed = False
+        self._hide_host_addresses = mdns
+        self._mdns: MdnsCandidates | None = None
+        if mdns or resolve_mdns:
+            policy = config.address_policy
+            self._mdns = MdnsCandidates(
+                self._host_addresses,
+                # The agent's address policy, applied to answers too (RFC 8445 §5.1.1.1's
+                # filters must not be bypassed through a name).
+                config=MdnsConfig(address_filter=lambda ip: address_problem(ip, 1, policy) is None),
+            )
+        self._resolving: set[asyncio.Task[None]] = set()
+        self._end_of_candidates_deferred = False
 
     async def __aenter__(self) -> IceConnection:
         return self
@@ -204,6 +230,10 @@ class IceConnection:
 
     @property
     def local_candidates(self) -> list[Candidate]:
+        """The local candidates as they are signalled (behind mDNS names with ``mdns``);
+        :attr:`agent` has them with their addresses."""
+        if self._hide_host_addresses and self._mdns is not None:
+            return [self._mdns.signalled(c) for c in self._agent.local_candidates]
         return list(self._agent.local_candidates)
 
     @property
@@ -258,6 +288,11 @@ class IceConnection:
         self._gathering_started = True
         loop = self._bind_loop()
         self._gathered = loop.create_future()
+        if self._hide_host_addresses and self._mdns is not None and not self._relay_only:
+            # Names first: every host candidate is known by its name from the moment it
+            # exists, so none is ever signalled with its address.
+            for ip in self._host_addresses:
+                await self._mdns.register(ip)
         for ip in [] if self._relay_only else self._host_addresses:
             transport, protocol = await loop.create_datagram_endpoint(
                 self._new_protocol, local_addr=(ip, 0)
@@ -311,10 +346,43 @@ class IceConnection:
 
     async def add_remote_candidate(self, candidate: Candidate | None) -> None:
         """A remote candidate (trickled), or None for end-of-candidates. Candidates the
-        agent will not use (policy, mDNS names, bounds) are dropped."""
+        agent will not use (policy, bounds) are dropped. A ``.local`` candidate is
+        resolved first (``resolve_mdns``) and reaches the agent when resolved;
+        end-of-candidates waits for those resolutions, so that the agent does not give up
+        on pairs it has not seen yet."""
         self._check_open()
-        self._bind_loop()
+        loop = self._bind_loop()
+        if candidate is not None and candidate.is_mdns and self._mdns is not None:
+            task = loop.create_task(self._add_resolved(self._mdns, candidate))
+            self._resolving.add(task)
+            task.add_done_callback(self._resolved)
+            return
+        if candidate is None and self._resolving:
+            self._end_of_candidates_deferred = True
+            return
         self._agent.add_remote_candidate(candidate)
+        self._service()
+
+    async def _add_resolved(self, mdns: MdnsCandidates, candidate: Candidate) -> None:
+        resolved = await mdns.resolve(candidate)
+        if self._closed:
+            return
+        if resolved is None:
+            # The peer's checks still arrive: its address comes back as a peer-reflexive
+            # candidate (RFC 8445 §7.3.1.3).
+            logger.warning("ice: dropping remote candidate %s: mDNS name not resolved", candidate)
+            return
+        self._agent.add_remote_candidate(resolved)
+        self._service()
+
+    def _resolved(self, task: asyncio.Task[None]) -> None:
+        self._resolving.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("ice: mDNS resolution failed: %r", task.exception())
+        if self._resolving or not self._end_of_candidates_deferred or self._closed:
+            return
+        self._end_of_candidates_deferred = False
+        self._agent.add_remote_candidate(None)
         self._service()
 
     async def connect(self) -> PairInfo:
@@ -360,6 +428,10 @@ class IceConnection:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        for task in list(self._resolving):
+            task.cancel()
+        if self._mdns is not None:
+            await self._mdns.close()  # goodbyes for our names (RFC 6762 §10.1)
         for transport in self._transports.values():
             if not isinstance(transport, TurnDatagramTransport):
                 transport.close()

@@ -2,7 +2,8 @@
 
 Candidates: UDP host candidates on ``--host-address`` (default 127.0.0.1), server-reflexive
 ones from ``--stun`` servers, relayed ones from ``--turn`` servers (``--relay-only``: only
-those).
+those). ``--mdns`` signals host candidates under ``.local`` names; remote ``.local``
+candidates are resolved by mDNS either way.
 
 Prints ``{"ufrag": ..., "pwd": ...}``, one ``{"candidate": "candidate:..."}`` per local
 candidate (RFC 8839 value) and ``{"end-of-candidates": true}``; reads the same kinds of
@@ -84,6 +85,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="IP",
         help="bind a host candidate on IP (repeatable; default 127.0.0.1)",
     )
+    parser.add_argument(
+        "--mdns",
+        action="store_true",
+        help="signal host candidates under random .local names (mDNS), as browsers do; "
+        "remote .local candidates are resolved with or without it",
+    )
     parser.set_defaults(func=main)
 
 
@@ -143,6 +150,7 @@ async def _run(
             relay_only=args.relay_only,
             host_addresses=args.host_address or ["127.0.0.1"],
             allow_loopback=True,
+            mdns=args.mdns,
         ) as conn:
             await conn.gather()
             _emit({"ufrag": conn.local_username, "pwd": conn.local_password})
