@@ -81,12 +81,7 @@ PAGE = """<!doctype html><html><body><script>
 @contextmanager
 def two_hosts() -> Iterator[tuple[netns.Namespace, netns.Namespace]]:
     with netns.lab("ichr") as lab:
-        browser, peer = lab.namespace("browser"), lab.namespace("peer")
-        lab.link(browser, "veth0", f"{BROWSER_IP}/24", peer, "veth0", f"{PEER_IP}/24")
-        for ns, other in ((browser, PEER_IP), (peer, BROWSER_IP)):
-            ns.ip("route", "add", "224.0.0.0/4", "dev", "veth0")
-            ns.ip("route", "add", "default", "via", other)
-        yield browser, peer
+        yield netns.two_hosts(lab, ("browser", "peer"), (BROWSER_IP, PEER_IP))
 
 
 def next_post(page: PageServer, kind: str, deadline: float) -> Any:

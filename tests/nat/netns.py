@@ -42,7 +42,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
-__all__ = ["Lab", "Namespace", "NetnsError", "Process", "lab", "require_tools"]
+__all__ = ["Lab", "Namespace", "NetnsError", "Process", "lab", "require_tools", "two_hosts"]
 
 COMMAND_TIMEOUT = 10.0  # seconds one `ip`/`nft`/helper command may take
 STOP_TIMEOUT = 5.0  # seconds a process gets to exit after SIGTERM before SIGKILL
@@ -294,6 +294,21 @@ class Lab:
         for pid in (int(text) for text in listed if text.isdigit()):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def two_hosts(
+    lab: Lab, roles: tuple[str, str], ips: tuple[str, str]
+) -> tuple[Namespace, Namespace]:
+    """Two hosts on one link: namespaces ``roles`` joined by ``veth0`` with ``ips`` (/24),
+    each routing multicast (224.0.0.0/4, for mDNS) onto the link and its default route via
+    the other -- browsers gather host candidates only on an interface with a default
+    route."""
+    a, b = lab.namespace(roles[0]), lab.namespace(roles[1])
+    lab.link(a, "veth0", f"{ips[0]}/24", b, "veth0", f"{ips[1]}/24")
+    for ns, other in ((a, ips[1]), (b, ips[0])):
+        ns.ip("route", "add", "224.0.0.0/4", "dev", "veth0")
+        ns.ip("route", "add", "default", "via", other)
+    return a, b
 
 
 @contextlib.contextmanager

@@ -28,14 +28,11 @@ signalling channel, copying each one's JSON lines to the other's stdin.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -45,6 +42,7 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:  # tests/nat/netns.py, shared by the namespace tests
     sys.path.insert(0, _HERE)
 import netns  # noqa: E402
+from icepeers import PeerResult, run_pair  # noqa: E402
 
 pytestmark = pytest.mark.netns
 
@@ -138,87 +136,17 @@ def start_servers(inet: netns.Namespace, turn: bool) -> None:
         server.wait_for_line("listening ")
 
 
-@dataclass
-class PeerResult:
-    returncode: int
-    lines: list[dict[str, Any]]
-    stderr: str
-
-    @property
-    def selected(self) -> tuple[Candidate, Candidate] | None:
-        for line in self.lines:
-            if "selected" in line:
-                pair = line["selected"]
-                return Candidate.from_sdp(pair["local"]), Candidate.from_sdp(pair["remote"])
-        return None
-
-
-async def _pump(
-    source: asyncio.subprocess.Process,
-    sink: asyncio.subprocess.Process,
-    lines: list[dict[str, Any]],
-) -> None:
-    """Copy each JSON line ``source`` prints to ``sink``'s stdin (the signalling)."""
-    assert source.stdout is not None and sink.stdin is not None
-    while line := await source.stdout.readline():
-        lines.append(json.loads(line))
-        if sink.returncode is None:
-            try:
-                sink.stdin.write(line)
-                await sink.stdin.drain()
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-
-
-async def _run_peers(topo: Topology, turn: bool) -> list[PeerResult]:
-    tsunagu = str(Path(sys.executable).parent / "tsunagu")
-    extra = [f"--turn={TURN_URI}", f"--username={TURN_USER}", f"--password={TURN_PASSWORD}"]
-    procs: list[asyncio.subprocess.Process] = []
-    try:
-        for role, side in (("controlling", topo.a), ("controlled", topo.b)):
-            procs.append(
-                await asyncio.create_subprocess_exec(
-                    "ip",
-                    "netns",
-                    "exec",
-                    side.lan.name,
-                    tsunagu,
-                    "ice-peer",
-                    "--role",
-                    role,
-                    "--stun",
-                    STUN_URI,
-                    *(extra if turn else []),
-                    "--send",
-                    "3",
-                    "--timeout",
-                    str(ICE_TIMEOUT),
-                    "--host-address",
-                    side.host,
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
-                )
-            )
-        outputs: list[list[dict[str, Any]]] = [[], []]
-        async with asyncio.timeout(ICE_TIMEOUT + 5):
-            await asyncio.gather(
-                _pump(procs[0], procs[1], outputs[0]),
-                _pump(procs[1], procs[0], outputs[1]),
-            )
-            codes = [await proc.wait() for proc in procs]
-            errors = [(await p.stderr.read()).decode() if p.stderr else "" for p in procs]
-    finally:
-        for proc in procs:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-    return [PeerResult(*result) for result in zip(codes, outputs, errors, strict=True)]
-
-
 def run_peers(topo: Topology, turn: bool) -> list[PeerResult]:
     """Controlling ``ice-peer`` in lanA, controlled in lanB, wired to each other."""
-    return asyncio.run(_run_peers(topo, turn))
+    extra = [f"--turn={TURN_URI}", f"--username={TURN_USER}", f"--password={TURN_PASSWORD}"]
+    return run_pair(
+        [
+            (side.lan, role, ["--stun", STUN_URI, *(extra if turn else []), "--send", "3",
+                              "--host-address", side.host])
+            for role, side in (("controlling", topo.a), ("controlled", topo.b))
+        ],
+        ICE_TIMEOUT,
+    )  # fmt: skip
 
 
 def _connected(results: list[PeerResult]) -> list[tuple[Candidate, Candidate]]:
@@ -227,8 +155,7 @@ def _connected(results: list[PeerResult]) -> list[tuple[Candidate, Candidate]]:
         assert result.returncode == 0, results
         selected = result.selected
         assert selected is not None, results
-        received = {line["received"] for line in result.lines if "received" in line}
-        assert {f"pong {i}" for i in range(3)} <= received, results
+        assert {f"pong {i}" for i in range(3)} <= result.received, results
         pairs.append(selected)
     return pairs
 
