@@ -3,6 +3,8 @@ end-of-candidates, and credentials drawn from ``secrets``."""
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 from tsunagu.ice.candidate import Candidate
@@ -113,3 +115,14 @@ def test_description_errors() -> None:
 def test_trickled_candidate_lines_parse_alone() -> None:
     candidate = Candidate.from_sdp("a=candidate:1 1 udp 2130706431 192.0.2.7 50000 typ host")
     assert IceDescription(candidates=(candidate,)).to_lines() == [f"a={candidate.to_sdp()}"]
+
+
+def test_generated_credentials_are_uniform_over_the_ice_chars() -> None:
+    # generate() relies on ice-char being exactly the base64 alphabet, in base64's order.
+    packed = sum(value << (6 * (63 - value)) for value in range(64))  # sextets 0..63
+    every_sextet = packed.to_bytes(48, "big")
+    assert base64.b64encode(every_sextet).decode() == ICE_CHARS
+    drawn = [IceCredentials.generate() for _ in range(1000)]
+    assert all(len(c.ufrag) == 8 and len(c.pwd) == 24 for c in drawn)
+    assert len({c.ufrag for c in drawn}) == 1000 and len({c.pwd for c in drawn}) == 1000
+    assert set("".join(c.ufrag + c.pwd for c in drawn)) == set(ICE_CHARS)

@@ -87,7 +87,7 @@ from tsunagu.ice.transmit import Transmit
 from tsunagu.stun.attributes import XorMappedAddress
 from tsunagu.stun.constants import ErrorCode, MessageClass, Method
 from tsunagu.stun.credentials import short_term_key
-from tsunagu.stun.message import Message, new_transaction_id
+from tsunagu.stun.message import IntegrityKey, Message, new_transaction_id
 from tsunagu.stun.transaction import TransactionManager
 
 __all__ = ["IceAgent"]
@@ -111,8 +111,12 @@ class _Session:
 
     def __init__(self, credentials: IceCredentials, checklist: CheckList) -> None:
         self.local = credentials
+        # Short-term keys (RFC 8489 §9.1.1) with their HMAC key schedule, made once per
+        # password: every check, response and consent request of the session uses one.
+        self.local_key = IntegrityKey(short_term_key(credentials.pwd))
         self.remote_ufrag: str | None = None
         self.remote_pwd: str | None = None
+        self.remote_key: IntegrityKey | None = None
         self.remote_lite = False
         self.checklist = checklist
         self.remote_candidates: list[Candidate] = []
@@ -128,10 +132,6 @@ class _Session:
         self.nominate_at: dict[int, float] = {}
         """Controlling, regular nomination: when to stop waiting for better pairs."""
         self.consent_lost: set[int] = set()
-
-    @property
-    def remote_key(self) -> bytes | None:
-        return None if self.remote_pwd is None else short_term_key(self.remote_pwd)
 
 
 class _Check:
@@ -419,6 +419,7 @@ class IceAgent:
             self.restart()
             session = self._session
         session.remote_ufrag, session.remote_pwd, session.remote_lite = ufrag, pwd, lite
+        session.remote_key = IntegrityKey(short_term_key(pwd))
         if lite and not self.config.lite and not self._controlling:
             self._set_role(True)  # §6.1.1: facing a lite agent, the full agent controls
         self._wake()
@@ -755,7 +756,7 @@ class IceAgent:
     # -- internals: checks (RFC 8445 §7.2) ----------------------------------------------------
 
     def _send_check(self, session: _Session, pair: CandidatePair, now: float) -> None:
-        assert session.remote_ufrag is not None and session.remote_pwd is not None
+        assert session.remote_ufrag is not None and session.remote_key is not None
         local = pair.local.candidate
         # §7.1.1: PRIORITY is the priority a peer-reflexive candidate learnt from this
         # check would have: same local preference and component, prflx type preference.
@@ -770,7 +771,7 @@ class IceAgent:
             transaction_id,
             local_ufrag=session.local.ufrag,
             remote_ufrag=session.remote_ufrag,
-            remote_pwd=session.remote_pwd,
+            remote_key=session.remote_key,
             priority=priority,
             controlling=self._controlling,
             tie_breaker=self._tie_breaker,
@@ -961,16 +962,16 @@ class IceAgent:
         ):
             self._respond(check_error(message, ErrorCode.UNAUTHENTICATED), local, remote, transport)
             return
-        if not message.verify_integrity(short_term_key(session.local.pwd)):
+        if not message.verify_integrity(session.local_key):
             self._respond(check_error(message, ErrorCode.UNAUTHENTICATED), local, remote, transport)
             return
-        pwd = session.local.pwd
+        key = session.local_key
         # §7.3.1.1: role conflict, resolved by the tie-breakers.
         if parsed.controlling is not None and not self.config.lite:
             if self._controlling and parsed.controlling:
                 if self._tie_breaker >= parsed.tie_breaker:
                     self._respond(
-                        check_error(message, ErrorCode.ROLE_CONFLICT, pwd), local, remote, transport
+                        check_error(message, ErrorCode.ROLE_CONFLICT, key), local, remote, transport
                     )
                     return
                 self._set_role(False)
@@ -979,11 +980,11 @@ class IceAgent:
                     self._set_role(True)
                 else:
                     self._respond(
-                        check_error(message, ErrorCode.ROLE_CONFLICT, pwd), local, remote, transport
+                        check_error(message, ErrorCode.ROLE_CONFLICT, key), local, remote, transport
                     )
                     return
         # §7.3.1.2: the success response, XOR-MAPPED-ADDRESS = the request's source.
-        self._respond(check_success(message, remote, pwd), local, remote, transport)
+        self._respond(check_success(message, remote, key), local, remote, transport)
         if session is not self._session:
             return  # an earlier generation: answer (consent on the old pair), no more
         component = base.component
@@ -1015,9 +1016,11 @@ class IceAgent:
             self._cancel_check(pair.transaction_id, now)
             pair.transaction_id = None
             session.checklist.enqueue_triggered(pair)
+            self._wake()
         elif pair.state is not PairState.SUCCEEDED:
             session.checklist.enqueue_triggered(pair)
-        self._wake()
+            self._wake()
+        # (A check on a succeeded pair -- consent, keepalive -- queues nothing: no wake-up.)
         # §7.3.1.5: the controlling agent nominated this pair.
         if parsed.use_candidate and not self._controlling:
             if pair.valid:
@@ -1117,7 +1120,7 @@ class IceAgent:
 
     def _send_consent(self, session: _Session, pair: CandidatePair, now: float) -> None:
         assert pair.consent is not None
-        if session.remote_ufrag is None or session.remote_pwd is None:
+        if session.remote_ufrag is None or session.remote_key is None:
             return
         local = pair.local.candidate
         transaction_id = new_transaction_id()
@@ -1125,7 +1128,7 @@ class IceAgent:
             transaction_id,
             local_ufrag=session.local.ufrag,
             remote_ufrag=session.remote_ufrag,
-            remote_pwd=session.remote_pwd,
+            remote_key=session.remote_key,
             priority=candidate_priority(
                 CandidateType.PEER_REFLEXIVE, (local.priority >> 8) & 0xFFFF, local.component
             ),
@@ -1247,6 +1250,10 @@ class IceAgent:
             best.nominating = True
             session.checklist.enqueue_triggered(best, nomination=True)
             self._wake()
+            # The nomination goes out now, not at the next Ta tick: it is one request on a
+            # pair the peer has just answered, and the request rate bound still applies.
+            # (A deviation from §6.1.4.2's pacing that saves Ta -- 50 ms -- per connection.)
+            self._next_check_at = min(self._next_check_at, now)
 
     def _update_selection(self, session: _Session, now: float) -> None:
         """The selected pair of a component is its highest-priority nominated valid pair

@@ -24,8 +24,13 @@ from tsunagu.stun.attributes import (
     XorMappedAddress,
 )
 from tsunagu.stun.constants import ErrorCode, MessageClass, Method
-from tsunagu.stun.credentials import short_term_key
-from tsunagu.stun.message import Message, error_response, new_transaction_id, success_response
+from tsunagu.stun.message import (
+    IntegrityKey,
+    Message,
+    error_response,
+    new_transaction_id,
+    success_response,
+)
 
 __all__ = [
     "CheckRequest",
@@ -43,14 +48,16 @@ def check_request(
     *,
     local_ufrag: str,
     remote_ufrag: str,
-    remote_pwd: str,
+    remote_key: bytes | IntegrityKey,
     priority: int,
     controlling: bool,
     tie_breaker: int,
     use_candidate: bool,
 ) -> bytes:
     """RFC 8445 §7.1.1-§7.1.3 (and RFC 7675 §5.1 for consent, which is the same request
-    without USE-CANDIDATE)."""
+    without USE-CANDIDATE). ``remote_key``: the short-term key of the remote password
+    (:func:`~tsunagu.stun.credentials.short_term_key`), best an :class:`IntegrityKey` kept
+    for the session."""
     attributes: list[Attribute] = [
         Username(f"{remote_ufrag}:{local_ufrag}"),  # §7.2.2
         Priority(priority),  # §7.1.1
@@ -59,20 +66,20 @@ def check_request(
     if use_candidate:
         attributes.append(UseCandidate())  # §7.1.2
     message = Message(Method.BINDING, MessageClass.REQUEST, transaction_id, attributes)
-    return message.encode(short_term_key(remote_pwd), fingerprint=True)
+    return message.encode(remote_key, fingerprint=True)
 
 
-def check_success(request: Message, source: Address, local_pwd: str) -> bytes:
+def check_success(request: Message, source: Address, local_key: bytes | IntegrityKey) -> bytes:
     """RFC 8445 §7.3.1.2: XOR-MAPPED-ADDRESS is the source of the request; integrity
-    with the same (local) password as the request; FINGERPRINT."""
+    with the same (local) password's key as the request; FINGERPRINT."""
     response = success_response(request, [XorMappedAddress(source)])
-    return response.encode(short_term_key(local_pwd), fingerprint=True)
+    return response.encode(local_key, fingerprint=True)
 
 
 def check_error(
     request: Message,
     code: int,
-    local_pwd: str | None = None,
+    local_key: bytes | IntegrityKey | None = None,
     *,
     unknown: tuple[int, ...] = (),
 ) -> bytes:
@@ -80,8 +87,7 @@ def check_error(
     (RFC 8489 §9.1.4: not for 400/401, since the key is not known to be shared)."""
     attributes: list[Attribute] = [UnknownAttributes(unknown)] if unknown else []
     response = error_response(request, code, attributes=attributes)
-    key = short_term_key(local_pwd) if local_pwd is not None else None
-    return response.encode(key, fingerprint=True)
+    return response.encode(local_key, fingerprint=True)
 
 
 def binding_request(transaction_id: bytes | None = None) -> tuple[bytes, bytes]:
