@@ -127,3 +127,55 @@ def test_tsunagu_relay_only_and_aioice(tsunagu_controlling: bool) -> None:
             await server.close()
 
     bounded(test)
+
+
+@pytest.mark.parametrize("tsunagu_controlling", [True, False])
+def test_tsunagu_and_aioice_with_two_components(tsunagu_controlling: bool) -> None:
+    """Two components on each side (RTP and RTCP unmultiplexed): both get a pair, and
+    data sent on a component arrives tagged with it, both ways (our ``sendto`` and
+    ``recvfrom`` against aioice's)."""
+
+    async def test() -> None:
+        theirs = aioice.Connection(
+            ice_controlling=not tsunagu_controlling,
+            components=2,
+            use_ipv4=True,
+            use_ipv6=False,
+        )
+        try:
+            async with IceConnection(
+                tsunagu_controlling,
+                host_addresses=["127.0.0.1"],
+                allow_loopback=True,
+                components=2,
+            ) as ours:
+                await asyncio.gather(ours.gather(), theirs.gather_candidates())
+                assert sorted(c.component for c in theirs.local_candidates) == [1, 2]
+                assert sorted(c.component for c in ours.local_candidates) == [1, 2]
+                ours.set_remote_credentials(theirs.local_username, theirs.local_password)
+                theirs.remote_username = ours.local_username
+                theirs.remote_password = ours.local_password
+                for candidate in theirs.local_candidates:
+                    await ours.add_remote_candidate(
+                        Candidate.from_sdp("candidate:" + candidate.to_sdp())
+                    )
+                await ours.add_remote_candidate(None)
+                for own in ours.local_candidates:
+                    await theirs.add_remote_candidate(
+                        aioice.Candidate.from_sdp(own.to_sdp().removeprefix("candidate:"))
+                    )
+                await theirs.add_remote_candidate(None)
+                await asyncio.gather(ours.connect(), theirs.connect())
+
+                ports = {c.component: c.port for c in theirs.local_candidates}
+                pairs = ours.selected_pairs
+                assert {c: pair.remote.port for c, pair in pairs.items()} == ports
+                for component in (1, 2, 2, 1):
+                    await ours.sendto(f"to aioice {component}".encode(), component)
+                    assert await theirs.recvfrom() == (f"to aioice {component}".encode(), component)
+                    await theirs.sendto(f"to tsunagu {component}".encode(), component)
+                    assert await ours.recvfrom() == (f"to tsunagu {component}".encode(), component)
+        finally:
+            await theirs.close()
+
+    bounded(test)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -27,7 +29,6 @@ from tsunagu.ice import (
     GatheringFailed,
     IceAgent,
     IceConfig,
-    IceCredentials,
     IceEvent,
     IceNotConnectedError,
     IceTransportState,
@@ -37,7 +38,6 @@ from tsunagu.ice import (
     RemoteCandidateIgnored,
     RoleChanged,
     SelectedPairChanged,
-    TcpType,
     Transmit,
     TransportProtocol,
 )
@@ -61,29 +61,19 @@ from tsunagu.stun import (
 )
 from tsunagu.stun.credentials import short_term_key
 
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:  # tests/unit/agent_io.py, shared by the agent tests
+    sys.path.insert(0, _HERE)
+from agent_io import PEER_CREDENTIALS, drain, events, state  # noqa: E402
+
 UDP = TransportProtocol.UDP
 TCP = TransportProtocol.TCP
 BASE = ("192.0.2.1", 5000)
 PEER = ("198.51.100.2", 6000)
-PEER_CREDENTIALS = IceCredentials("peer", "peerpasswordpeerpassword")
 STUN_SERVER = ("203.0.113.1", 3478)
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def drain(agent: IceAgent) -> list[Transmit]:
-    out: list[Transmit] = []
-    while (item := agent.poll_transmit()) is not None:
-        out.append(item)
-    return out
-
-
-def events(agent: IceAgent) -> list[IceEvent]:
-    out: list[IceEvent] = []
-    while (event := agent.poll_event()) is not None:
-        out.append(event)
-    return out
 
 
 def decode(transmit: Transmit) -> Message:
@@ -277,11 +267,6 @@ def exchange(a: IceAgent, b: IceAgent) -> None:
         for candidate in other.local_candidates:
             me.add_remote_candidate(Candidate.from_sdp(candidate.to_sdp()))
         me.add_remote_candidate(None)
-
-
-def state(agent: IceAgent) -> IceTransportState:
-    """The agent's state, read through a call so that type narrowing does not stick."""
-    return agent.state
 
 
 def states(log: list[IceEvent]) -> list[IceTransportState]:
@@ -1141,60 +1126,6 @@ def test_close_stops_everything() -> None:
     a.handle_timeout(wire.now + 100)
     assert a.poll_transmit() is None
     a.close()  # idempotent
-
-
-# --- TCP candidates (RFC 6544) -----------------------------------------------------------------
-
-
-def test_tcp_pairs_follow_rfc_6544_roles() -> None:
-    agent = IceAgent(tie_breaker=1)
-    priority = 1518280447
-    active = Candidate(
-        "7", 1, TCP, priority, "192.0.2.1", 9, CandidateType.HOST, tcptype=TcpType.ACTIVE
-    )
-    passive = Candidate(
-        "8", 1, TCP, priority, "192.0.2.1", 443, CandidateType.HOST, tcptype=TcpType.PASSIVE
-    )
-    assert agent.add_local_candidate(active) and agent.add_local_candidate(passive)
-    agent.set_remote_credentials(PEER_CREDENTIALS.ufrag, PEER_CREDENTIALS.pwd)
-    remote_passive = Candidate(
-        "p", 1, TCP, priority, PEER[0], 8443, CandidateType.HOST, tcptype=TcpType.PASSIVE
-    )
-    remote_active = Candidate(
-        "a", 1, TCP, priority, PEER[0], 9, CandidateType.HOST, tcptype=TcpType.ACTIVE
-    )
-    remote_udp = peer_candidate()
-    for candidate in (remote_passive, remote_active, remote_udp):
-        assert agent.add_remote_candidate(candidate)
-    pairs = {(p.local.tcptype, p.remote.tcptype) for p in agent.pairs()}
-    assert pairs == {(TcpType.ACTIVE, TcpType.PASSIVE), (TcpType.PASSIVE, TcpType.ACTIVE)}
-    # Only the active side opens connections: one ordinary check, over TCP, and nothing
-    # ever goes to the remote active candidate's discard port.
-    sent: list[Transmit] = []
-    now = 0.0
-    while now < 1.0 and (deadline := agent.poll_timeout()) is not None:
-        now = deadline
-        sent += checks_sent(agent, now)
-    assert {(t.local, t.remote, t.transport) for t in sent} == {
-        (("192.0.2.1", 9), (PEER[0], 8443), TCP)
-    }
-    # The peer connects to our passive candidate and checks over that connection.
-    connection = (PEER[0], 50123)
-    agent.handle_datagram(peer_check(agent), ("192.0.2.1", 443), connection, 1.0, TCP)
-    (response,) = drain(agent)
-    assert response.transport is TCP and response.remote == connection
-    assert decode(response).message_class is MessageClass.SUCCESS
-    learnt = [e.candidate for e in events(agent) if isinstance(e, PeerReflexiveCandidate)]
-    assert learnt[0].tcptype is TcpType.ACTIVE
-    (triggered,) = checks_sent(agent, 1.1)
-    assert (triggered.local, triggered.remote, triggered.transport) == (
-        ("192.0.2.1", 443),
-        connection,
-        TCP,
-    )
-    # The same bytes over UDP to that address reach no base of ours.
-    agent.handle_datagram(peer_check(agent), ("192.0.2.1", 443), connection, 1.2)
-    assert drain(agent) == []
 
 
 # --- nomination details (RFC 8445 §7.3.1.5, §8.1.1) -------------------------------------------

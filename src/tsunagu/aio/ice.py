@@ -32,22 +32,32 @@ import asyncio
 import dataclasses
 import logging
 import socket
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Generic, TypeVar
 
 from tsunagu.aio.ice_mdns import MdnsCandidates
+from tsunagu.aio.ice_tcp import IceTcp
 from tsunagu.aio.turn_client import TurnClient, TurnDatagramTransport
 from tsunagu.errors import LocalProtocolError, TsunaguError
 from tsunagu.ice.agent import IceAgent
 from tsunagu.ice.candidate import Address, Candidate, TransportProtocol, normalize_ip
 from tsunagu.ice.config import IceConfig
 from tsunagu.ice.events import (
+    CandidateGathered,
+    CandidatePairStateChanged,
     ConnectionStateChanged,
+    ConsentLost,
     DataReceived,
     GatheringComplete,
+    GatheringFailed,
     IceEvent,
     IceTransportState,
+    PeerReflexiveCandidate,
+    RemoteCandidateIgnored,
+    RoleChanged,
     SelectedPairChanged,
 )
 from tsunagu.ice.pair import PairInfo
@@ -58,6 +68,7 @@ __all__ = [
     "IceClosedError",
     "IceConnection",
     "IceFailedError",
+    "IceStream",
     "TurnServer",
     "default_host_addresses",
 ]
@@ -89,6 +100,75 @@ class IceFailedError(TsunaguError):
 
 class IceClosedError(TsunaguError, ConnectionError):
     """The connection is closed: :meth:`IceConnection.recv` has nothing more to give."""
+
+
+_T = TypeVar("_T")
+
+_PUBLISHED = (
+    CandidateGathered,
+    GatheringComplete,
+    GatheringFailed,
+    RemoteCandidateIgnored,
+    PeerReflexiveCandidate,
+    CandidatePairStateChanged,
+    SelectedPairChanged,
+    ConnectionStateChanged,
+    RoleChanged,
+    ConsentLost,
+)
+"""The core's events :meth:`IceConnection.events` passes on (application data goes to
+:meth:`IceConnection.recv`; TCP connection requests are the driver's own business)."""
+
+
+class IceStream(Generic[_T]):
+    """An async iterator over what an :class:`IceConnection` reports, made by
+    :meth:`IceConnection.events` or :meth:`IceConnection.local_candidates_trickled`.
+
+    It buffers every item from the moment it is made, so none is missed between making it
+    and iterating; the iteration ends at the stream's natural end (end-of-candidates, the
+    connection closing) or after :meth:`aclose`, which also drops what is still buffered.
+    One consumer per stream: make one stream per consumer."""
+
+    def __init__(self, streams: list[IceStream[_T]]) -> None:
+        self._items: deque[_T] = deque()
+        self._streams = streams
+        self._ended = False
+        self._waiter: asyncio.Future[None] | None = None
+        streams.append(self)
+
+    def __aiter__(self) -> IceStream[_T]:
+        return self
+
+    async def __anext__(self) -> _T:
+        while not self._items:
+            if self._ended:
+                raise StopAsyncIteration
+            if self._waiter is None or self._waiter.done():
+                self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self._items.popleft()
+
+    async def aclose(self) -> None:
+        """Stop the stream: iteration ends at once, buffered items are dropped."""
+        self._items.clear()
+        self._end()
+
+    def _push(self, item: _T) -> None:
+        if not self._ended:
+            self._items.append(item)
+            self._wake()
+
+    def _end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        if self in self._streams:
+            self._streams.remove(self)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
 
 def default_host_addresses(*, allow_loopback: bool = False, use_ipv6: bool = True) -> list[str]:
@@ -131,7 +211,12 @@ class _HostProtocol(asyncio.DatagramProtocol):
 
 
 class IceConnection:
-    """An ICE connection with one component over UDP, driven on the running event loop.
+    """An ICE connection over UDP, driven on the running event loop.
+
+    ``components``: the components of the data stream (default: ``config.components``,
+    itself 1): host, server-reflexive and relayed candidates are gathered for each, and
+    :meth:`connect` returns once every one has a selected pair; :meth:`send` and
+    :meth:`recvfrom` name the component (as aioice's ``sendto``/``recvfrom``).
 
     ``host_addresses``: the IPs to bind host sockets on (default:
     :func:`default_host_addresses`). ``allow_loopback`` also lets remote loopback
@@ -145,7 +230,30 @@ class IceConnection:
     interface from :meth:`gather` on, which also catches names the remote announces
     unprompted); ``resolve_mdns`` (default on) resolves remote ``.local`` candidates
     before the agent sees them -- an unresolved one is dropped with a log line.
+
+    Trickle ICE (RFC 8838): :meth:`local_candidates_trickled` yields each local candidate
+    as soon as it is gathered and ends at end-of-candidates; remote candidates may be
+    added at any time (:meth:`add_remote_candidate`), checks run while they come.
+
+    ICE restart (RFC 8445 §9): :meth:`restart`, or new remote credentials (the peer
+    restarted), gives new local credentials; data keeps flowing on the previous selected
+    pairs until the new session has selected its own.
+
+    Events: :meth:`events` streams the core's events (state changes, selected pair
+    changes, candidates, pair states...), and the callbacks :attr:`on_state_change`,
+    :attr:`on_selected_pair_change` and :attr:`on_local_candidate` are called with the
+    same news, as RTCIceTransport's statechange and selectedcandidatepairchange and
+    RTCPeerConnection's icecandidate.
     """
+
+    on_state_change: Callable[[IceTransportState], None] | None
+    """Called with the new state on every change of :attr:`state`."""
+    on_selected_pair_change: Callable[[int, PairInfo | None], None] | None
+    """Called with ``(component, pair)`` when the current session selects a pair (None:
+    consent was lost on it)."""
+    on_local_candidate: Callable[[Candidate | None], None] | None
+    """Called with each local candidate of the current session as it is gathered (as
+    signalled: behind its mDNS name with ``mdns``), then None for end-of-candidates."""
 
     def __init__(
         self,
@@ -159,16 +267,18 @@ class IceConnection:
         config: IceConfig | None = None,
         mdns: bool = False,
         resolve_mdns: bool = True,
+        components: int | None = None,
     ) -> None:
         config = config if config is not None else IceConfig()
-        if config.components != 1:
-            raise LocalProtocolError("IceConnection drives one component")
+        if components is not None and components != config.components:
+            config = dataclasses.replace(config, components=components)
         if allow_loopback and not config.address_policy.allow_loopback:
             config = dataclasses.replace(
                 config,
                 address_policy=dataclasses.replace(config.address_policy, allow_loopback=True),
             )
         self._agent = IceAgent(config, controlling=controlling)
+        self._tcp = IceTcp(self._agent, self._service) if config.tcp else None  # RFC 6544
         self._stun_servers = [] if relay_only else list(stun_servers)
         self._turn_servers = list(turn_servers)
         self._relay_only = relay_only
@@ -182,11 +292,20 @@ class IceConnection:
         self._relays: list[TurnDatagramTransport] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._received: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._received: asyncio.Queue[tuple[bytes, int] | None] = asyncio.Queue()
         self._gathered: asyncio.Future[None] | None = None
         self._connected: asyncio.Future[PairInfo] | None = None
         self._remote_username: str | None = None
         self._remote_password: str | None = None
+        self._applied_remote: tuple[str, str] | None = None
+        self._event_streams: list[IceStream[IceEvent]] = []
+        self._trickle_streams: list[IceStream[Candidate]] = []
+        self._trickled: list[Candidate] = []
+        """The local candidates of the current session as signalled, in gathering order."""
+        self._trickle_complete = False
+        self.on_state_change = None
+        self.on_selected_pair_change = None
+        self.on_local_candidate = None
         self._gathering_started = False
         self._closed = False
         self._hide_host_addresses = mdns
@@ -273,7 +392,25 @@ class IceConnection:
 
     @property
     def selected_pair(self) -> PairInfo | None:
+        """The pair data of component 1 goes over (during a restart, the previous
+        session's until the new one is selected)."""
         return self._agent.selected_pair()
+
+    @property
+    def selected_pairs(self) -> dict[int, PairInfo]:
+        """The pair of each component that has one, by component."""
+        pairs = {c: self._agent.selected_pair(c) for c in self._components()}
+        return {c: pair for c, pair in pairs.items() if pair is not None}
+
+    @property
+    def components(self) -> int:
+        return self._agent.config.components
+
+    @property
+    def restarting(self) -> bool:
+        """An ICE restart is under way: data still goes over the previous session's pairs
+        (:attr:`selected_pairs`) until the new session has selected its own."""
+        return self._agent.restarting
 
     # -- API ----------------------------------------------------------------------------------
 
@@ -281,7 +418,18 @@ class IceConnection:
         """Bind the host sockets, ask the STUN servers, allocate on the TURN servers, and
         return once every local candidate is known (:attr:`local_candidates`). A STUN
         server that does not answer only costs its candidate; a TURN server that refuses
-        (:class:`~tsunagu.errors.TurnError`) or cannot be reached raises."""
+        (:class:`~tsunagu.errors.TurnError`) or cannot be reached raises. Each candidate
+        is trickled (:meth:`local_candidates_trickled`) as soon as it is known; run
+        gather() in a task to signal them while it goes on."""
+        try:
+            await self._gather()
+        except BaseException:
+            # No more candidates in this session: trickle streams end (early; the
+            # gather() task says why) instead of waiting forever.
+            self._end_trickle()
+            raise
+
+    async def _gather(self) -> None:
         self._check_open()
         if self._gathering_started:
             raise LocalProtocolError("gather() was already called")
@@ -293,17 +441,21 @@ class IceConnection:
             # exists, so none is ever signalled with its address.
             for ip in self._host_addresses:
                 await self._mdns.register(ip)
-        for ip in [] if self._relay_only else self._host_addresses:
+        hosts = [] if self._relay_only else self._host_addresses
+        for ip, component in [(ip, c) for c in self._components() for ip in hosts]:
             transport, protocol = await loop.create_datagram_endpoint(
                 self._new_protocol, local_addr=(ip, 0)
             )
             port = int(transport.get_extra_info("sockname")[1])
-            candidate = self._agent.add_host_candidate((ip, port))
+            candidate = self._agent.add_host_candidate((ip, port), component)
             if candidate is None:
                 transport.close()
                 continue
             protocol.base = candidate.transport_address
             self._transports[candidate.transport_address] = transport
+            self._service()  # trickled at once
+        if self._tcp is not None and not self._relay_only:
+            await self._tcp.gather(self._host_addresses)
         for host, port in self._stun_servers:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
             families: set[int] = set()
@@ -317,12 +469,13 @@ class IceConnection:
                         self._agent.gather_server_reflexive(base, server, loop.time())
             self._service()
         for relay in self._turn_servers:
-            await self._gather_relayed(relay)
+            for component in self._components():
+                await self._gather_relayed(relay, component)
         self._agent.finish_gathering()
         self._service()
         await asyncio.wait_for(asyncio.shield(self._gathered), _GATHER_LIMIT)
 
-    async def _gather_relayed(self, relay: TurnServer) -> None:
+    async def _gather_relayed(self, relay: TurnServer, component: int = 1) -> None:
         client = TurnClient(relay.uri, relay.username, relay.password)
         try:
             await client.connect()
@@ -336,7 +489,10 @@ class IceConnection:
         self._relays.append(transport)
         relayed = client.relayed_address
         candidate = self._agent.add_relayed_candidate(
-            relayed, server_ip=client.server_address[0], mapped=client.mapped_address
+            relayed,
+            server_ip=client.server_address[0],
+            mapped=client.mapped_address,
+            component=component,
         )
         if candidate is None:
             return
@@ -386,12 +542,13 @@ class IceConnection:
         self._service()
 
     async def connect(self) -> PairInfo:
-        """Wait until a pair is selected and return it; raise
+        """Wait until every component has a selected pair of the current session (after
+        :meth:`restart`: the new session's) and return component 1's; raise
         :class:`IceFailedError` if ICE fails (or the connection closes)."""
         self._check_open()
         loop = self._bind_loop()
         self._service()
-        pair = self._agent.selected_pair()
+        pair = self._connected_pair()
         if pair is not None:
             return pair
         if self._agent.state is IceTransportState.FAILED:
@@ -400,22 +557,96 @@ class IceConnection:
             self._connected = loop.create_future()
         return await asyncio.shield(self._connected)
 
-    async def send(self, data: bytes) -> None:
-        """Send one datagram over the selected pair."""
+    async def send(self, data: bytes, component: int = 1) -> None:
+        """Send one datagram over the selected pair of ``component`` (during a restart,
+        the previous session's until the new one is selected)."""
         self._check_open()
         self._bind_loop()
-        self._agent.send(data)
+        self._agent.send(data, component)
         self._service()
 
+    async def sendto(self, data: bytes, component: int) -> None:
+        """:meth:`send` with aioice's ``Connection.sendto`` signature."""
+        await self.send(data, component)
+
     async def recv(self) -> bytes:
-        """The next datagram of application data; :class:`IceClosedError` once closed."""
+        """The next datagram of application data, of any component;
+        :class:`IceClosedError` once closed."""
+        data, _ = await self.recvfrom()
+        return data
+
+    async def recvfrom(self) -> tuple[bytes, int]:
+        """The next datagram of application data and its component (as aioice's
+        ``Connection.recvfrom``); :class:`IceClosedError` once closed."""
         if self._closed and self._received.empty():
             raise IceClosedError("the connection is closed")
-        data = await self._received.get()
-        if data is None:
+        item = await self._received.get()
+        if item is None:
             self._received.put_nowait(None)  # wake every other reader too
             raise IceClosedError("the connection is closed")
-        return data
+        return item
+
+    def local_candidates_trickled(self) -> IceStream[Candidate]:
+        """Trickle ICE (RFC 8838): an async iterator over the local candidates of the
+        current session as signalled (behind mDNS names with ``mdns``), each as soon as
+        it is gathered, ending at end-of-candidates -- signal that when the loop ends::
+
+            gathering = asyncio.create_task(conn.gather())
+            async for candidate in conn.local_candidates_trickled():
+                signal(candidate.to_sdp())
+            await gathering  # raises what made gathering fail, if anything
+            signal_end_of_candidates()
+
+        Candidates already gathered come first. After :meth:`restart` (or the peer's) a
+        new stream gives the new session's: every local candidate again, for the new
+        credentials; a stream of the previous session ends. The stream also ends if
+        :meth:`gather` fails or the connection closes."""
+        stream: IceStream[Candidate] = IceStream(self._trickle_streams)
+        for candidate in self._trickled:
+            stream._push(candidate)
+        if self._trickle_complete or self._closed:
+            stream._end()
+        return stream
+
+    def events(self) -> IceStream[IceEvent]:
+        """An async iterator over the events of the core from now on, until the
+        connection closes (its last event is the change to the closed state):
+        :class:`~tsunagu.ice.events.ConnectionStateChanged`,
+        :class:`~tsunagu.ice.events.SelectedPairChanged`,
+        :class:`~tsunagu.ice.events.CandidateGathered` (as signalled),
+        :class:`~tsunagu.ice.events.GatheringComplete`,
+        :class:`~tsunagu.ice.events.CandidatePairStateChanged`,
+        :class:`~tsunagu.ice.events.PeerReflexiveCandidate`,
+        :class:`~tsunagu.ice.events.RemoteCandidateIgnored`,
+        :class:`~tsunagu.ice.events.GatheringFailed`,
+        :class:`~tsunagu.ice.events.RoleChanged` and
+        :class:`~tsunagu.ice.events.ConsentLost`. Application data is not an event
+        (:meth:`recv`). Events buffer until read: iterate, or :meth:`IceStream.aclose`."""
+        stream: IceStream[IceEvent] = IceStream(self._event_streams)
+        if self._closed:
+            stream._end()
+        return stream
+
+    async def restart(self) -> None:
+        """ICE restart (RFC 8445 §9): new local credentials (:attr:`local_username`,
+        :attr:`local_password`) to signal, the local candidates trickled again for them
+        (:meth:`local_candidates_trickled`), and a new session that waits for the
+        remote's new credentials and candidates. Data keeps flowing on the previous
+        selected pairs until the new session has selected a pair for every component
+        (:class:`~tsunagu.ice.events.SelectedPairChanged`, :meth:`connect` returns,
+        :attr:`restarting` becomes False).
+
+        When the peer restarts, just give its new credentials (:meth:`set_remote_credentials`,
+        or both properties): this connection restarts too, so read the local
+        credentials again for the answer."""
+        self._check_open()
+        self._bind_loop()
+        self._service()  # what the previous session said, it says before the restart
+        self._agent.restart()
+        self._remote_username = self._remote_password = None
+        self._applied_remote = None
+        self._new_session()
+        self._service()
 
     async def close(self) -> None:
         """Stop the agent, close the sockets, wake every waiter."""
@@ -423,8 +654,11 @@ class IceConnection:
             return
         self._closed = True
         self._agent.close()
-        while self._agent.poll_event() is not None:
-            pass
+        while (event := self._agent.poll_event()) is not None:
+            self._publish(event)  # the change to closed, for events() and callbacks
+        self._end_trickle()
+        for stream in list(self._event_streams):
+            stream._end()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -436,6 +670,8 @@ class IceConnection:
             if not isinstance(transport, TurnDatagramTransport):
                 transport.close()
         self._transports.clear()
+        if self._tcp is not None:
+            self._tcp.close()
         relays, self._relays = self._relays, []
         for relay in relays:  # delete the allocations (RFC 8656 §7.2)
             client: TurnClient = relay.get_extra_info("turn_client")
@@ -467,11 +703,50 @@ class IceConnection:
 
     def _apply_remote_credentials(self) -> None:
         self._check_open()
-        if self._remote_username is None or self._remote_password is None:
+        ufrag, pwd = self._remote_username, self._remote_password
+        if ufrag is None or pwd is None:
             return
-        self._agent.set_remote_credentials(self._remote_username, self._remote_password)
+        applied = self._applied_remote
+        if applied is not None and (ufrag == applied[0]) != (pwd == applied[1]):
+            # Half of the peer's restart (RFC 8445 §9 changes both ufrag and pwd), set
+            # one property at a time: wait for the other half rather than restart twice.
+            return
+        if self._loop is not None:
+            self._service()  # what the previous session said, it says before a restart
+        before = self._agent.local_credentials
+        self._agent.set_remote_credentials(ufrag, pwd)
+        self._applied_remote = (ufrag, pwd)
+        if self._agent.local_credentials != before:
+            self._new_session()  # the peer restarted ICE, and so did the agent
         if self._loop is not None:
             self._service()
+
+    def _components(self) -> range:
+        return range(1, self._agent.config.components + 1)
+
+    def _connected_pair(self) -> PairInfo | None:
+        """Component 1's pair once every component has one of the current session."""
+        if self._agent.restarting:
+            return None
+        pairs = [self._agent.selected_pair(c) for c in self._components()]
+        return pairs[0] if all(pair is not None for pair in pairs) else None
+
+    def _new_session(self) -> None:
+        """The agent restarted: the local candidates will be trickled again for the new
+        credentials; what the previous session still waited for is dropped."""
+        self._end_trickle()
+        self._trickled = []
+        self._trickle_complete = False
+        # mDNS resolutions of the previous session's remote candidates must not reach
+        # the new session (nor their deferred end-of-candidates).
+        self._end_of_candidates_deferred = False
+        for task in list(self._resolving):
+            task.cancel()
+
+    def _end_trickle(self) -> None:
+        self._trickle_complete = True
+        for stream in list(self._trickle_streams):
+            stream._end()
 
     def _on_datagram(self, data: bytes, base: Address, remote: Address) -> None:
         if self._closed or self._loop is None:
@@ -495,28 +770,68 @@ class IceConnection:
             return
         while (transmit := self._agent.poll_transmit()) is not None:
             if transmit.transport is not TransportProtocol.UDP:
+                if self._tcp is not None:
+                    self._tcp.send(transmit)
                 continue
             transport = self._transports.get(transmit.local)
             if transport is not None and not transport.is_closing():
                 transport.sendto(transmit.data, transmit.remote)
         while (event := self._agent.poll_event()) is not None:
             self._deliver(event)
+        waiter = self._connected
+        if waiter is not None and not waiter.done():
+            pair = self._connected_pair()
+            if pair is not None:
+                waiter.set_result(pair)
         self._rearm()
 
     def _deliver(self, event: IceEvent) -> None:
+        if self._tcp is not None and self._tcp.handle_event(event):
+            return
         if isinstance(event, DataReceived):
-            self._received.put_nowait(event.data)
-        elif isinstance(event, GatheringComplete):
+            self._received.put_nowait((event.data, event.component))
+            return
+        if isinstance(event, GatheringComplete):
             if self._gathered is not None and not self._gathered.done():
                 self._gathered.set_result(None)
-        elif isinstance(event, SelectedPairChanged):
-            waiter = self._connected
-            if event.pair is not None and waiter is not None and not waiter.done():
-                waiter.set_result(event.pair)
         elif isinstance(event, ConnectionStateChanged):
             waiter = self._connected
             if event.state is IceTransportState.FAILED and waiter is not None and not waiter.done():
                 waiter.set_exception(IceFailedError("ICE failed"))
+        self._publish(event)
+
+    def _publish(self, event: IceEvent) -> None:
+        """Hand an event to the trickle and event streams and to the callbacks."""
+        if not isinstance(event, _PUBLISHED):
+            return
+        if isinstance(event, CandidateGathered):
+            candidate = event.candidate
+            if self._hide_host_addresses and self._mdns is not None:
+                candidate = self._mdns.signalled(candidate)
+                event = CandidateGathered(candidate)
+            self._trickled.append(candidate)
+            for trickle in list(self._trickle_streams):
+                trickle._push(candidate)
+            self._call(self.on_local_candidate, candidate)
+        elif isinstance(event, GatheringComplete):
+            self._end_trickle()
+            self._call(self.on_local_candidate, None)
+        elif isinstance(event, ConnectionStateChanged):
+            self._call(self.on_state_change, event.state)
+        elif isinstance(event, SelectedPairChanged):
+            self._call(self.on_selected_pair_change, event.component, event.pair)
+        for stream in list(self._event_streams):
+            stream._push(event)
+
+    @staticmethod
+    def _call(callback: Callable[..., None] | None, *args: object) -> None:
+        if callback is None:
+            return
+        try:
+            callback(*args)
+        except Exception:
+            # A user's callback must not break the driver (it runs inside it).
+            logger.exception("ice: callback %r raised", callback)
 
     def _rearm(self) -> None:
         if self._loop is None:

@@ -6,13 +6,15 @@ those). ``--mdns`` signals host candidates under ``.local`` names; remote ``.loc
 candidates are resolved by mDNS either way.
 
 Prints ``{"ufrag": ..., "pwd": ...}``, one ``{"candidate": "candidate:..."}`` per local
-candidate (RFC 8839 value) and ``{"end-of-candidates": true}``; reads the same kinds of
-lines for the remote side from stdin. On selection it prints ``{"selected": {"local":
-"...", "remote": "..."}}`` (the candidates' RFC 8839 values). With ``--send N`` it sends N
-datagrams ``ping <i>`` (again every 250 ms until answered) and answers each ``ping <i>``
-with ``pong <i>``, printing ``{"received": "..."}`` for every datagram; once its N pongs
-arrived it keeps answering for about a second, so the peer can finish too, and exits 0.
-Without ``--send`` it answers for that second after selection and exits 0.
+candidate (RFC 8839 value), each as soon as it is gathered (trickle ICE, RFC 8838), and
+``{"end-of-candidates": true}``; reads the same kinds of lines for the remote side from
+stdin, from the start (remote candidates are checked while ours are still gathered). On
+selection it prints ``{"selected": {"local": "...", "remote": "..."}}`` (the candidates'
+RFC 8839 values). With ``--send N`` it sends N datagrams ``ping <i>`` (again every 250 ms
+until answered) and answers each ``ping <i>`` with ``pong <i>``, printing ``{"received":
+"..."}`` for every datagram; once its N pongs arrived it keeps answering for about a
+second, so the peer can finish too, and exits 0. Without ``--send`` it answers for that
+second after selection and exits 0.
 
 Exit status: 0 as above; 1 at ``--timeout`` or when ICE fails; 2 for a bad option.
 """
@@ -152,16 +154,25 @@ async def _run(
             allow_loopback=True,
             mdns=args.mdns,
         ) as conn:
-            await conn.gather()
             _emit({"ufrag": conn.local_username, "pwd": conn.local_password})
-            for candidate in conn.local_candidates:
-                _emit({"candidate": candidate.to_sdp()})
-            _emit({"end-of-candidates": True})
             reader = asyncio.create_task(_read_signalling(conn))
             try:
+                await _trickle(conn)
                 return await _exchange(conn, args.send, reader)
             finally:
                 reader.cancel()
+
+
+async def _trickle(conn: IceConnection) -> None:
+    """Print each local candidate as soon as it is gathered, then end-of-candidates."""
+    gathering = asyncio.create_task(conn.gather())
+    try:
+        async for candidate in conn.local_candidates_trickled():
+            _emit({"candidate": candidate.to_sdp()})
+        await gathering  # raises what stopped gathering, if anything
+    finally:
+        gathering.cancel()
+    _emit({"end-of-candidates": True})
 
 
 async def _read_signalling(conn: IceConnection) -> None:

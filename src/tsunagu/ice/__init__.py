@@ -36,6 +36,8 @@ from tsunagu.ice.events import (
     RemoteCandidateIgnored,
     RoleChanged,
     SelectedPairChanged,
+    TcpCloseRequested,
+    TcpConnectRequested,
 )
 from tsunagu.ice.pair import PairInfo, PairState, pair_priority
 from tsunagu.ice.policy import AddressPolicy, address_problem
@@ -70,6 +72,8 @@ __all__ = [
     "RoleChanged",
     "SdpError",
     "SelectedPairChanged",
+    "TcpCloseRequested",
+    "TcpConnectRequested",
     "TcpType",
     "Transmit",
     "TransportProtocol",

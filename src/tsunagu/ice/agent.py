@@ -30,6 +30,12 @@ pair once an authenticated check arrived on it); unauthenticated or malformed ch
 400/401/420 and change no state; remote and peer-reflexive candidates are filtered by
 :mod:`tsunagu.ice.policy` and bounded in number; the check list is capped and outgoing
 requests are paced (Ta) and rate-bounded.
+
+TCP candidates (RFC 6544). The agent keeps the table of TCP connections
+(:mod:`tsunagu.ice.tcp`): it asks the driver to open them
+(:class:`~tsunagu.ice.events.TcpConnectRequested`), is told of accepted ones, bytes read
+and closes (``handle_tcp_*``), frames everything with RFC 4571, and fails the pairs of a
+connection that fails.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ from tsunagu.ice.candidate import (
     local_preference,
     normalize_ip,
 )
-from tsunagu.ice.checklist import CheckList, can_pair
+from tsunagu.ice.checklist import CheckList, can_pair, is_ordinary
 from tsunagu.ice.checks import (
     binding_indication,
     check_error,
@@ -78,11 +84,22 @@ from tsunagu.ice.events import (
     RemoteCandidateIgnored,
     RoleChanged,
     SelectedPairChanged,
+    TcpCloseRequested,
+    TcpConnectRequested,
 )
 from tsunagu.ice.gather import GatherResult, ServerReflexiveGatherer
 from tsunagu.ice.pair import CandidatePair, LocalCandidate, PairInfo, PairState
 from tsunagu.ice.policy import address_problem
 from tsunagu.ice.sdp import IceCredentials, validate_pwd, validate_ufrag
+from tsunagu.ice.tcp import (
+    ACTIVE_PORT,
+    MAX_FRAME,
+    TcpConnection,
+    TcpConnections,
+    TcpConnectionState,
+    connect_from,
+    frame,
+)
 from tsunagu.ice.transmit import Transmit
 from tsunagu.stun.attributes import XorMappedAddress
 from tsunagu.stun.constants import ErrorCode, MessageClass, Method
@@ -132,6 +149,8 @@ class _Session:
         self.nominate_at: dict[int, float] = {}
         """Controlling, regular nomination: when to stop waiting for better pairs."""
         self.consent_lost: set[int] = set()
+        self.tcp_passive_until: float | None = None
+        """When pairs of passive TCP candidates stop waiting for the peer's connection."""
 
 
 class _Check:
@@ -204,6 +223,7 @@ class IceAgent:
         self._transmits: deque[Transmit] = deque()
         self._requests: deque[Transmit] = deque()
         self._events: deque[IceEvent] = deque()
+        self._tcp = TcpConnections(self.config.max_tcp_accepted)
         self._tokens = float(self.config.check_burst)
         self._tokens_at: float | None = None
         self._now = 0.0
@@ -267,6 +287,13 @@ class IceAgent:
         """The pair :meth:`send` uses for ``component``, if any."""
         pair = self._sending_pair(component)
         return None if pair is None else pair.info()
+
+    @property
+    def restarting(self) -> bool:
+        """An ICE restart is under way (RFC 8445 §9): some component still sends over the
+        previous session's selected pair, the current session has not selected its own
+        for every component yet."""
+        return self._previous is not None
 
     # -- local candidates ---------------------------------------------------------------------
 
@@ -486,6 +513,8 @@ class IceAgent:
         pair = self._sending_pair(component) if not self._closed else None
         if pair is None:
             raise IceNotConnectedError(f"component {component} has no selected pair")
+        if pair.local.candidate.transport is TransportProtocol.TCP and len(data) > MAX_FRAME:
+            raise LocalProtocolError(f"RFC 4571 frames carry at most {MAX_FRAME} bytes")
         self._transmits.append(
             Transmit(
                 data,
@@ -542,6 +571,7 @@ class IceAgent:
         self._gatherer.cancel_all()
         self._transmits.clear()
         self._requests.clear()
+        self._tcp.clear()  # the driver closes its sockets with the agent
         self._set_state(IceTransportState.CLOSED)
 
     # -- driver interface ---------------------------------------------------------------------
@@ -559,6 +589,8 @@ class IceAgent:
         from a pair whose check has succeeded."""
         if self._closed:
             return
+        if transport is TransportProtocol.TCP and not self._tcp.is_open(local, remote):
+            return  # TCP traffic exists only on a connection of ours (handle_tcp_data)
         self._advance(now)
         if data and data[0] < 4:  # RFC 7983 §7: 0-3 is STUN
             try:
@@ -613,7 +645,18 @@ class IceAgent:
 
     def poll_transmit(self) -> Transmit | None:
         """The next datagram to send: responses and data first, then requests within the
-        rate bound (checks, retransmissions, consent, gathering)."""
+        rate bound (checks, retransmissions, consent, gathering). TCP transmits come
+        framed, with their connection (see :mod:`tsunagu.ice.tcp`); a check that needs
+        a new connection yields a :class:`TcpConnectRequested` event instead."""
+        while (transmit := self._next_transmit()) is not None:
+            if transmit.transport is TransportProtocol.UDP or transmit.connection is not None:
+                return transmit  # UDP, or framed already (held until its connection was up)
+            routed = self._route_tcp(transmit)
+            if routed is not None:
+                return routed
+        return None
+
+    def _next_transmit(self) -> Transmit | None:
         if self._transmits:
             return self._transmits.popleft()
         self._pull_requests()
@@ -643,12 +686,235 @@ class IceAgent:
         if not self.config.lite and session.remote_pwd is not None and not self._check_idle:
             deadlines.append(max(self._next_check_at, tokens_at))
         deadlines.extend(session.nominate_at.values())
+        if session.tcp_passive_until is not None and session.tcp_passive_until > self._now:
+            deadlines.append(session.tcp_passive_until)  # a passed one is acted on already
         for active in self._sessions():
             for pair in active.selected.values():
                 if pair.consent is not None:
                     deadlines.append(pair.consent.deadline(self._now))
                 deadlines.append(pair.last_sent + self.config.keepalive_interval)
         return min(deadlines) if deadlines else None
+
+    # -- TCP candidates and connections (RFC 6544) --------------------------------------------
+
+    def add_tcp_host_candidate(
+        self,
+        address: Address,
+        tcptype: TcpType,
+        component: int = 1,
+        *,
+        interface_rank: int = 0,
+        address_rank: int = 0,
+    ) -> Candidate | None:
+        """Build and add a TCP host candidate (RFC 6544 §4.1) with the RFC 6544 §4.2
+        priority (direction preference in the local preference) and a foundation of its
+        own transport (RFC 8445 §5.1.1.3).
+
+        ``tcptype`` passive: ``address`` is a socket the driver listens on. Active: only
+        its IP counts; the candidate has port 9 (RFC 6544 §4.5) and the driver opens each
+        connection from an ephemeral port of that IP when asked. Simultaneous-open: the
+        port the driver connects from (both ends connect at once)."""
+        ip = normalize_ip(address[0])
+        port = address[1]
+        if tcptype is TcpType.ACTIVE:
+            if port not in (0, ACTIVE_PORT):
+                raise LocalProtocolError("an active TCP candidate has no port of its own")
+            port = ACTIVE_PORT
+        elif port == 0:
+            raise LocalProtocolError(f"a {tcptype} TCP candidate needs its port")
+        preference = local_preference(
+            ip,
+            interface_rank=interface_rank,
+            address_rank=address_rank,
+            prefer_ipv6=self.config.prefer_ipv6,
+            transport=TransportProtocol.TCP,
+            tcptype=tcptype,
+        )
+        candidate = Candidate(
+            foundation=self._foundations.foundation(CandidateType.HOST, ip, TransportProtocol.TCP),
+            component=component,
+            transport=TransportProtocol.TCP,
+            priority=candidate_priority(CandidateType.HOST, preference, component),
+            address=ip,
+            port=port,
+            type=CandidateType.HOST,
+            tcptype=tcptype,
+        )
+        return candidate if self.add_local_candidate(candidate) else None
+
+    def handle_tcp_accepted(self, local: Address, remote: Address, now: float) -> int | None:
+        """The driver accepted a connection from ``remote`` on the listening socket of
+        the passive candidate whose base is ``local`` (RFC 6544 §7.2). Returns the id
+        to pass to :meth:`handle_tcp_data`, or None: close the socket (no passive
+        candidate there, a remote address the policy refuses, too many connections).
+        The peer checks over it; its first check creates the peer-reflexive candidate
+        of the connection's source address (RFC 6544 §7.2, RFC 8445 §7.3.1.3)."""
+        if self._closed:
+            return None
+        self._advance(now)
+        base = self._bases.get((TransportProtocol.TCP, local))
+        if base is None or base.candidate.tcptype is not TcpType.PASSIVE:
+            return None
+        if address_problem(remote[0], remote[1], self.config.address_policy) is not None:
+            return None
+        connection, dropped = self._tcp.accept(local, remote, self._tcp_in_use)
+        for old in dropped:
+            self._events.append(TcpCloseRequested(old.id))
+            self._tcp_fail_pairs(old, now)
+        if dropped:
+            self._update(now)
+        return None if connection is None else connection.id
+
+    def handle_tcp_connected(self, connection: int, now: float) -> None:
+        """The connection asked for in :class:`TcpConnectRequested` is established: the
+        checks waiting for it go out (RFC 6544 §7.1)."""
+        if self._closed:
+            return
+        self._advance(now)
+        conn = self._tcp.get(connection)
+        if conn is None or conn.state is TcpConnectionState.OPEN:
+            return
+        conn.state = TcpConnectionState.OPEN
+        for data in conn.pending:
+            self._transmits.append(
+                Transmit(data, conn.base, conn.remote, TransportProtocol.TCP, conn.id)
+            )
+        conn.pending.clear()
+
+    def handle_tcp_data(self, connection: int, data: bytes, now: float) -> None:
+        """Bytes read from an open connection, cut into RFC 4571 frames here; each frame is
+        handled as a datagram between the connection's base and remote address."""
+        if self._closed:
+            return
+        conn = self._tcp.get(connection)
+        if conn is None or conn.state is not TcpConnectionState.OPEN:
+            return
+        for payload in conn.framer.feed(data):
+            self.handle_datagram(payload, conn.base, conn.remote, now, TransportProtocol.TCP)
+            if self._tcp.get(connection) is not conn:
+                return  # closed while handling a frame
+
+    def handle_tcp_closed(self, connection: int, now: float) -> None:
+        """The connection could not be established, was reset or closed. Its pairs fail
+        (RFC 6544 §7.1: a check whose connection fails has failed); a selected pair on
+        it can carry no more data and loses consent (:class:`ConsentLost`)."""
+        if self._closed:
+            return
+        self._advance(now)
+        conn = self._tcp.remove(connection)
+        if conn is None:
+            return
+        self._tcp_fail_pairs(conn, now)
+        self._update(now)
+
+    def _tcp_pairs(
+        self, base: Address, remote: Address
+    ) -> Iterator[tuple[_Session, CandidatePair]]:
+        owner = self._bases.get((TransportProtocol.TCP, base))
+        if owner is None:
+            return
+        for session in self._sessions():
+            pair = session.checklist.find(owner.component, TransportProtocol.TCP, base, remote)
+            if pair is not None:
+                yield session, pair
+
+    def _tcp_in_use(self, conn: TcpConnection) -> bool:
+        return any(True for _ in self._tcp_pairs(conn.base, conn.remote))
+
+    def _tcp_fail_pairs(self, conn: TcpConnection, now: float) -> None:
+        for session, pair in list(self._tcp_pairs(conn.base, conn.remote)):
+            component = pair.component
+            if pair.transaction_id is not None:
+                self._checks_tm.cancel(pair.transaction_id)
+                self._checks.pop(pair.transaction_id, None)
+                pair.transaction_id = None
+            if session.selected.get(component) is pair:
+                self._lose_consent(session, component, pair)
+            elif (
+                self._controlling
+                and (pair.nominating or pair.nominated)
+                and session is self._session
+                and component not in session.selected
+            ):
+                session.nominate_at[component] = now  # another valid pair, if any
+            pair.valid = pair.nominated = pair.nominating = pair.nominate_on_success = False
+            session.usable.pop(pair.key, None)
+            if pair in session.checklist.triggered:
+                session.checklist.triggered.remove(pair)
+            session.checklist.set_state(pair, PairState.FAILED)
+
+    def _tcp_release(self, base: Address, remote: Address) -> None:
+        """A pair failed: close the outgoing connection under it unless a pair of another
+        session still uses it (connections opened by the peer are the peer's to close,
+        within :attr:`IceConfig.max_tcp_accepted`)."""
+        conn = self._tcp.find(base, remote)
+        if conn is None or not conn.outgoing:
+            return
+        if any(pair.state is not PairState.FAILED for _, pair in self._tcp_pairs(base, remote)):
+            return
+        self._tcp.remove(conn.id)
+        self._events.append(TcpCloseRequested(conn.id))
+
+    def _tcp_passive_waiting(self, session: _Session, now: float) -> bool:
+        """Pairs of a passive candidate are checked only once the peer has connected
+        (RFC 6544 §7.1, §7.2). When nothing else is left to check, they wait as long as a
+        check of the peer's may take to succeed or fail, then fail."""
+        waiting = [
+            pair
+            for pair in session.checklist
+            if not is_ordinary(pair) and pair.state in (PairState.FROZEN, PairState.WAITING)
+        ]
+        if not waiting:
+            return False
+        if session.tcp_passive_until is None:
+            session.tcp_passive_until = now + self._cancelled_window
+        if now < session.tcp_passive_until:
+            return True
+        session.tcp_passive_until = -math.inf  # done waiting, for good
+        for pair in waiting:
+            session.checklist.set_state(pair, PairState.FAILED)
+        return False
+
+    def _tcp_connection_for(
+        self, check: _Check, transaction_id: bytes, remote: Address
+    ) -> TcpConnection | None:
+        """RFC 6544 §7.1: the connection a check goes on. With none yet, an active or
+        simultaneous-open candidate asks the driver for one at once (the check waits for
+        it); a passive candidate cannot -- only the peer connects to it -- and the check
+        fails."""
+        base = check.pair.local.base
+        conn = self._tcp.find(base, remote)
+        if conn is not None:
+            return conn
+        local = check.pair.local.candidate
+        if local.tcptype is TcpType.PASSIVE:
+            self._checks_tm.cancel(transaction_id)
+            self._checks.pop(transaction_id, None)
+            self._fail_check(check, transaction_id, self._now)
+            return None
+        conn = self._tcp.connect(base, remote)
+        self._events.append(TcpConnectRequested(conn.id, connect_from(local), remote))
+        return conn
+
+    def _route_tcp(self, transmit: Transmit) -> Transmit | None:
+        """RFC 6544 §7.1, §10: put a TCP transmit, framed with RFC 4571, on the connection
+        between its base and remote address (a connecting one holds it). A check finds
+        its connection as when it was queued; anything else with no connection under it
+        (the connection closed meanwhile) is dropped."""
+        conn = self._tcp.find(transmit.local, transmit.remote)
+        if conn is None:
+            transaction_id = transmit.data[8:20]
+            check = self._checks.get(transaction_id)
+            if check is None:
+                return None
+            conn = self._tcp_connection_for(check, transaction_id, transmit.remote)
+            if conn is None:
+                return None
+        data = frame(transmit.data)
+        if conn.state is TcpConnectionState.CONNECTING:
+            conn.queue(data)
+            return None
+        return Transmit(data, transmit.local, transmit.remote, TransportProtocol.TCP, conn.id)
 
     # -- internals: plumbing ------------------------------------------------------------------
 
@@ -677,6 +943,8 @@ class IceAgent:
     def _on_pair_state(self, pair: CandidatePair, previous: PairState) -> None:
         self._check_idle = False
         self._events.append(CandidatePairStateChanged(pair.info(), previous))
+        if pair.state is PairState.FAILED and pair.local.candidate.tcptype is not None:
+            self._tcp_release(pair.local.base, pair.remote.transport_address)
 
     def _take_token(self) -> bool:
         """Token bucket of :attr:`IceConfig.max_checks_per_second`."""
@@ -699,10 +967,14 @@ class IceAgent:
             if check is None:
                 continue
             pair = check.pair
+            transport = pair.local.candidate.transport
+            if transport is TransportProtocol.TCP and check.transmissions:
+                # RFC 6544 §7.1, RFC 8489 §6.2.2: TCP is reliable, no retransmission (the
+                # transaction still times out, or the connection's failure ends it).
+                continue
             check.transmissions += 1
             pair.requests_sent += 1
             pair.last_sent = self._now
-            transport = pair.local.candidate.transport
             self._requests.append(Transmit(data, pair.local.base, remote, transport))
         while (transmit := self._gatherer.poll_transmit()) is not None:
             self._requests.append(transmit)
@@ -795,6 +1067,9 @@ class IceAgent:
         self._checks_started = True
         if not (pair.nominating and pair.state is PairState.SUCCEEDED):
             session.checklist.set_state(pair, PairState.IN_PROGRESS)
+        if local.transport is TransportProtocol.TCP:
+            check = self._checks[transaction_id]
+            self._tcp_connection_for(check, transaction_id, pair.remote.transport_address)
 
     def _cancel_check(self, transaction_id: bytes, now: float) -> None:
         """§7.3.1.4 cancellation: no more retransmissions, but a response that still
@@ -890,6 +1165,10 @@ class IceAgent:
         local = pair.local
         component = local.component
         transport = local.candidate.transport
+        if local.candidate.tcptype is TcpType.ACTIVE:
+            # RFC 6544 §4.5, §7.2: each connection of an active candidate has its own
+            # ephemeral port; only the IP of the mapped address can reveal a NAT.
+            mapped = (mapped[0], ACTIVE_PORT)
         # §7.2.5.3.1: a mapped address no local candidate has is a peer-reflexive one.
         known = mapped == local.candidate.transport_address or any(
             other.candidate.transport_address == mapped
@@ -1312,7 +1591,7 @@ class IceAgent:
             ):
                 return IceTransportState.COMPLETED
             return IceTransportState.CONNECTED
-        if self._checklist_failed(session):
+        if self._checklist_failed(session) and not self._tcp_passive_waiting(session, now):
             return IceTransportState.FAILED
         if self._checks_started or (len(session.checklist) and session.remote_pwd is not None):
             return IceTransportState.CHECKING

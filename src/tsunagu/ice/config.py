@@ -106,6 +106,16 @@ class IceConfig:
     """STUN Binding to servers for server-reflexive candidates: requests at 0, 0.5, 1.5 s,
     given up at 3.5 s -- gathering should not hold trickling back for long."""
 
+    tcp: bool = False
+    """RFC 6544 TCP candidates: drivers (:class:`~tsunagu.aio.ice.IceConnection`) gather
+    a passive (listening) and an active host candidate per host address besides the UDP
+    ones. The core handles TCP candidates whenever a driver adds them; this only says
+    whether the driver should."""
+
+    max_tcp_accepted: int = 32
+    """TCP connections peers may hold open to our passive candidates (RFC 6544 §7.2);
+    beyond it the oldest one that carries no pair is closed, or the new one refused."""
+
     def __post_init__(self) -> None:
         if not 1 <= self.components <= 256:
             raise ValueError("components must be 1-256")
@@ -129,4 +139,6 @@ class IceConfig:
             raise ValueError("keepalive_interval must be positive")
         if self.max_remote_candidates < 1 or self.max_peer_reflexive < 0:
             raise ValueError("candidate bounds must be positive")
+        if self.max_tcp_accepted < 1:
+            raise ValueError("max_tcp_accepted must be at least 1")
         object.__setattr__(self, "nomination", Nomination(self.nomination))

@@ -23,6 +23,8 @@ __all__ = [
     "RemoteCandidateIgnored",
     "RoleChanged",
     "SelectedPairChanged",
+    "TcpCloseRequested",
+    "TcpConnectRequested",
 ]
 
 
@@ -130,6 +132,26 @@ class ConsentLost:
     pair: PairInfo
 
 
+@dataclass(frozen=True, slots=True)
+class TcpConnectRequested:
+    """RFC 6544 §7.1: open a TCP connection from ``local`` (port 0: any port of that IP,
+    for an active candidate) to ``remote``, then report it with
+    :meth:`~tsunagu.ice.agent.IceAgent.handle_tcp_connected`, or its failure with
+    :meth:`~tsunagu.ice.agent.IceAgent.handle_tcp_closed`. ``connection`` names it in
+    TCP transmits and in those calls (see :mod:`tsunagu.ice.tcp`)."""
+
+    connection: int
+    local: Address
+    remote: Address
+
+
+@dataclass(frozen=True, slots=True)
+class TcpCloseRequested:
+    """Close the TCP connection ``connection``: the agent no longer uses it."""
+
+    connection: int
+
+
 IceEvent = (
     CandidateGathered
     | GatheringFailed
@@ -142,4 +164,6 @@ IceEvent = (
     | RoleChanged
     | DataReceived
     | ConsentLost
+    | TcpConnectRequested
+    | TcpCloseRequested
 )

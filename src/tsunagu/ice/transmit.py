@@ -15,11 +15,14 @@ class Transmit:
 
     ``local`` is the base of a local candidate: a host address the driver has a socket
     on, or a relayed address, for which the driver sends through its TURN client. TCP
-    transmits (RFC 6544) are whole STUN messages or data frames the driver frames with
-    RFC 4571 on the connection between ``local`` and ``remote``.
+    transmits (RFC 6544) go on the TCP connection ``connection`` (an id from
+    :class:`~tsunagu.ice.events.TcpConnectRequested` or
+    :meth:`~tsunagu.ice.agent.IceAgent.handle_tcp_accepted`) and ``data`` is already
+    framed with RFC 4571: write it to that stream as it is.
     """
 
     data: bytes
     local: Address
     remote: Address
     transport: TransportProtocol = TransportProtocol.UDP
+    connection: int | None = None
