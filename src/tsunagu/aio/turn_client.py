@@ -15,6 +15,14 @@ deliver ``poll_event()`` to waiting futures, re-arm one ``loop.call_at(poll_time
   its permission, and a refused permission raises :class:`~tsunagu.errors.TurnError`, e.g.
   403), ``await turn.recv_from()``; or :meth:`TurnClient.create_datagram_endpoint` for a
   :class:`asyncio.DatagramTransport` look-alike an ICE agent can use like a socket.
+* TCP allocations (RFC 6062; ``TurnClientConfig(requested_transport="tcp")`` over a
+  ``?transport=tcp`` or ``turns:`` server): ``reader, writer = await turn.connect_peer(peer)``
+  has the server connect to ``peer`` (Connect, §4.3), and ``reader, writer, peer = await
+  turn.accept()`` takes the next peer that connected to the relayed address
+  (ConnectionAttempt, §4.4). Either way a new connection to the server is bound to the peer
+  with ConnectionBind and handed over as an :mod:`asyncio` stream pair carrying the peer's
+  bytes unchanged (§4.5). Peers that connect in must have a permission
+  (:meth:`TurnClient.create_permission`, §5.3).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar, cast
 
 from tsunagu.errors import LocalProtocolError, TsunaguError, TurnError
 from tsunagu.stun.attributes import Address
@@ -38,6 +46,7 @@ from tsunagu.turn.client import (
     TurnClientConnection,
     normalize_ip,
 )
+from tsunagu.turn.tcp_client import CONNECTION_BIND_TIMEOUT, DataConnection
 
 __all__ = [
     "TurnClient",
@@ -132,6 +141,9 @@ class TurnClient:
         self._username = username
         self._password = password
         self._config = config if config is not None else TurnClientConfig()
+        if self._config.requested_transport == "tcp" and self.target.transport == "udp":
+            # RFC 6062 §4.1: the control connection of a TCP allocation is TCP or TLS.
+            raise ValueError("a TCP allocation needs a turn:...?transport=tcp or turns: server")
         self._ssl_context = ssl_context
         self._on_event = on_event
         self._max_queued = max_queued
@@ -151,8 +163,16 @@ class TurnClient:
         self._endpoint: asyncio.DatagramProtocol | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        # RFC 6062: Connects waiting for their outcome, ConnectionAttempts waiting for
+        # accept() (with the time they arrived), and the data connections opened.
+        self._tls_name = self.target.host
+        self._connect_waiters: dict[Address, asyncio.Future[int]] = {}
+        self._attempts: deque[tuple[ev.ConnectionAttempt, float]] = deque()
+        self._acceptors: deque[asyncio.Future[None]] = deque()
+        self._data_links: set[_DataLink] = set()
         self.dropped = 0
-        """Received datagrams dropped because nobody read them."""
+        """Received datagrams (and RFC 6062 ConnectionAttempts) dropped because nobody took
+        them."""
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -206,6 +226,7 @@ class TurnClient:
                         continue
                     raise
                 if isinstance(outcome, ev.Allocated):
+                    self._tls_name = tls_name  # RFC 6062 data connections go to this server
                     return
                 self._close_transport()  # 300 Try Alternate: same transport, other server
                 host, port = outcome.server
@@ -231,6 +252,10 @@ class TurnClient:
             await asyncio.shield(self._closed)
         self._close_transport()
         self._fail(LocalProtocolError("the TURN client is closed"))
+        # The data connections end with their allocation (RFC 6062 §5.5, the server's
+        # side); close our ends too rather than wait for the server's close.
+        for link in list(self._data_links):
+            link.close()
 
     async def _open(self, host: str, port: int, tls_name: str) -> Address:
         loop = self._loop
@@ -398,6 +423,106 @@ class TurnClient:
             protocol.datagram_received(data, peer)
         return transport, protocol
 
+    # --- RFC 6062 TCP allocations -------------------------------------------------------
+
+    async def connect_peer(
+        self, peer: Address
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to ``peer`` through a TCP allocation (RFC 6062 §4.3): create its
+        permission if needed, send Connect, then bind a new data connection to the
+        CONNECTION-ID. Returns the stream pair carrying the peer's bytes.
+
+        Raises :class:`~tsunagu.errors.TurnError` for a refusal: 446 (a connection to this
+        peer exists), 447 (the server could not connect; another try waits 10 s), 403 (peer
+        policy), or the ConnectionBind's error; :class:`OSError` if the data connection to the
+        server cannot be opened."""
+        core = self._require_tcp()
+        loop = self._loop
+        assert loop is not None
+        peer = (normalize_ip(peer[0]), peer[1])
+        core.connect(peer, loop.time())
+        waiter: asyncio.Future[int] = loop.create_future()
+        self._connect_waiters[peer] = waiter
+        self._pump()
+        try:
+            connection_id = await waiter
+        finally:
+            if self._connect_waiters.get(peer) is waiter:
+                del self._connect_waiters[peer]
+        return await self._bind(connection_id, peer)
+
+    async def accept(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Address]:
+        """Wait for a peer to connect to the relayed address (a ConnectionAttempt, RFC 6062
+        §4.4), bind a new data connection to it and return ``(reader, writer, peer)``. Only
+        peers with a permission get through (§5.3): call :meth:`create_permission` first.
+        Attempts older than 30 s are skipped (the server closed them, §5.3); a failed
+        ConnectionBind raises, and the next call takes the next attempt."""
+        self._require_tcp()
+        loop = self._loop
+        assert loop is not None
+        while True:
+            while not self._attempts:
+                if self._error is not None:
+                    raise self._error
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._acceptors.append(waiter)
+                try:
+                    await waiter
+                finally:
+                    if waiter in self._acceptors:
+                        self._acceptors.remove(waiter)
+            attempt, received = self._attempts.popleft()
+            if loop.time() - received >= CONNECTION_BIND_TIMEOUT:
+                continue
+            reader, writer = await self._bind(attempt.connection_id, attempt.peer)
+            return reader, writer, attempt.peer
+
+    def _require_tcp(self) -> TurnClientConnection:
+        core = self._require_core()
+        if not core.is_tcp_allocation:
+            raise LocalProtocolError('needs TurnClientConfig(requested_transport="tcp")')
+        if core.state is not ClientState.ALLOCATED:
+            raise LocalProtocolError("no allocation while allocating again")
+        return core
+
+    async def _bind(
+        self, connection_id: int, peer: Address
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open a data connection to the control connection's server address, with its
+        transport (RFC 6062 §4.3: "the same destination transport address"), and run the
+        ConnectionBind handshake on it."""
+        core = self._require_tcp()
+        loop = self._loop
+        assert loop is not None
+        handshake = core.bind_connection(connection_id, peer)
+        reader = asyncio.StreamReader()
+        link = _DataLink(self, handshake, reader, loop)
+        context: ssl.SSLContext | None = None
+        if self.target.transport == "tls":
+            context = self._ssl_context or _default_ssl_context()
+        host, port = handshake.server
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: link,
+                    host,
+                    port,
+                    ssl=context,
+                    server_hostname=self._tls_name if context is not None else None,
+                ),
+                self._config.transaction.reliable_timeout,
+            )
+        except BaseException:
+            if link.bound.done() and not link.bound.cancelled():
+                link.bound.exception()  # reported by the raise below, not as "never retrieved"
+            raise
+        try:
+            await link.bound
+        except BaseException:
+            transport.close()
+            raise
+        return reader, asyncio.StreamWriter(transport, link, reader, loop)
+
     async def _permission_outcome(self, ip: str) -> None:
         assert self._loop is not None
         waiter: asyncio.Future[None] = self._loop.create_future()
@@ -508,6 +633,23 @@ class TurnClient:
                 self._fail(event.error)
         elif isinstance(event, ev.Closed) and self._closed is not None and not self._closed.done():
             self._closed.set_result(event)
+        elif isinstance(event, ev.ConnectSucceeded | ev.ConnectFailed):
+            connector = self._connect_waiters.pop(event.peer, None)
+            if connector is not None and not connector.done():
+                if isinstance(event, ev.ConnectSucceeded):
+                    connector.set_result(event.connection_id)
+                else:
+                    connector.set_exception(event.error)
+        elif isinstance(event, ev.ConnectionAttempt):
+            if len(self._attempts) >= self._max_queued:
+                self.dropped += 1  # unclaimed, the server closes it after 30 s (§5.3)
+                return
+            assert self._loop is not None
+            self._attempts.append((event, self._loop.time()))
+            if self._acceptors:
+                acceptor = self._acceptors.popleft()
+                if not acceptor.done():
+                    acceptor.set_result(None)
 
     def _fail(self, error: TsunaguError) -> None:
         """The allocation is over: wake everyone who waits on it."""
@@ -521,6 +663,14 @@ class TurnClient:
             reader = self._readers.popleft()
             if not reader.done():
                 reader.set_result(None)
+        while self._acceptors:
+            acceptor = self._acceptors.popleft()
+            if not acceptor.done():
+                acceptor.set_result(None)
+        connectors, self._connect_waiters = self._connect_waiters, {}
+        for connector in connectors.values():
+            if not connector.done():
+                connector.set_exception(error)
         waiters, self._permission_waiters = self._permission_waiters, {}
         for pending in waiters.values():
             for waiter in pending:
@@ -529,6 +679,92 @@ class TurnClient:
         endpoint, self._endpoint = self._endpoint, None
         if endpoint is not None:
             endpoint.connection_lost(None if isinstance(error, LocalProtocolError) else error)
+
+
+class _DataLink(asyncio.StreamReaderProtocol):
+    """One RFC 6062 client data connection. Until ConnectionBind succeeds its bytes go to the
+    sans-I/O :class:`~tsunagu.turn.tcp_client.DataConnection`; from then on this is a plain
+    :class:`asyncio.StreamReaderProtocol` and the peer's bytes go to the reader unchanged
+    (RFC 6062 §4.5), starting with any that arrived behind the success response."""
+
+    def __init__(
+        self,
+        client: TurnClient,
+        handshake: DataConnection,
+        reader: asyncio.StreamReader,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        super().__init__(reader, loop=loop)
+        self._client = client
+        self._handshake: DataConnection | None = handshake
+        self._event_loop = loop
+        self._link: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.bound: asyncio.Future[None] = loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self._link = cast(asyncio.Transport, transport)
+        self._client._data_links.add(self)
+        if self._handshake is not None:
+            self._handshake.connection_made(self._event_loop.time())
+            self._pump()
+
+    def data_received(self, data: bytes) -> None:
+        handshake = self._handshake
+        if handshake is None:
+            super().data_received(data)
+            return
+        handshake.handle_data(data, self._event_loop.time())
+        self._pump()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._client._data_links.discard(self)
+        handshake = self._handshake
+        if handshake is not None:
+            handshake.connection_lost(self._event_loop.time(), str(exc) if exc else "closed")
+            self._pump()
+        super().connection_lost(exc)
+
+    def close(self) -> None:
+        if self._link is not None:
+            self._link.close()
+
+    def _pump(self) -> None:
+        handshake = self._handshake
+        if handshake is None:
+            return
+        while (data := handshake.poll_transmit()) is not None:
+            if self._link is not None:
+                self._link.write(data)
+        while (event := handshake.poll_event()) is not None:
+            self._handshake = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if isinstance(event, ev.ConnectionBound):
+                if event.data:
+                    super().data_received(event.data)
+                if not self.bound.done():
+                    self.bound.set_result(None)
+            else:
+                if not self.bound.done():
+                    self.bound.set_exception(event.error)
+                self.close()
+            return
+        deadline = handshake.poll_timeout()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = self._event_loop.call_at(deadline, self._fire, deadline)
+
+    def _fire(self, deadline: float) -> None:
+        self._timer = None
+        if self._handshake is not None:
+            self._handshake.handle_timeout(max(self._event_loop.time(), deadline))
+            self._pump()
 
 
 class TurnDatagramTransport(asyncio.DatagramTransport):

@@ -7,6 +7,11 @@ opens itself on loopback; servers usually refuse loopback peers (coturn unless s
 ``--allow-loopback-peers``), which the probe reports as the server's peer policy (403), so
 against a remote server pass ``--peer`` with an echo service the server may reach.
 
+With ``--tcp`` the probe asks for an RFC 6062 TCP allocation instead (over a
+``?transport=tcp`` or ``turns:`` server): it starts a TCP echo peer on loopback (or uses
+``--peer``), has the server connect to it (Connect, §4.3), binds a new data connection to
+that peer connection (ConnectionBind) and times echoes of lines sent through it.
+
 Every failure names its cause and exits with status 1: unreachable, timeout, 401 wrong
 credentials, 403 peer refused, 486 quota, TLS error, ... ``--json`` prints one JSON object
 with ``relayed``, ``mapped``, ``rtt_ms`` and ``lost`` (or ``error`` and ``cause``).
@@ -28,6 +33,7 @@ from tsunagu.aio.loop import run
 from tsunagu.aio.turn_client import TurnClient, TurnTarget
 from tsunagu.errors import IntegrityError, TransactionTimeoutError, TsunaguError, TurnError
 from tsunagu.stun.attributes import Address
+from tsunagu.turn.client import TurnClientConfig
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -39,6 +45,8 @@ _TURN_CAUSES = {
     403: "forbidden",
     420: "unknown attribute",
     437: "allocation mismatch",
+    446: "connection already exists",
+    447: "connection timeout or failure",
     440: "address family not supported",
     441: "wrong credentials",
     442: "unsupported transport protocol",
@@ -60,6 +68,8 @@ class ProbeError(Exception):
 class ProbeResult:
     server: str
     transport: str
+    relay: str = "udp"
+    """What the allocation relays: "udp" (RFC 8656) or "tcp" (RFC 6062)."""
     relayed: str = ""
     mapped: str = ""
     peer: str = ""
@@ -75,6 +85,7 @@ class ProbeResult:
         return {
             "server": self.server,
             "transport": self.transport,
+            "relay": self.relay,
             "relayed": self.relayed,
             "mapped": self.mapped,
             "peer": self.peer,
@@ -99,7 +110,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--peer",
         metavar="HOST:PORT",
-        help="UDP echo peer to relay to (default: one the probe starts on loopback)",
+        help="echo peer to relay to, UDP (TCP with --tcp); default: one the probe starts "
+        "on loopback",
+    )
+    parser.add_argument(
+        "--tcp",
+        action="store_true",
+        help="RFC 6062 TCP allocation: connect to a TCP echo peer through the relay "
+        "(needs ?transport=tcp or turns:)",
     )
     parser.add_argument("--count", type=int, default=5, help="datagrams to send (default 5)")
     parser.add_argument(
@@ -122,10 +140,17 @@ def main(args: argparse.Namespace) -> int:
         peer = _parse_peer(args.peer) if args.peer else None
         if args.count < 1 or not args.timeout > 0:
             raise ValueError("--count and --timeout must be positive")
+        if args.tcp and target.transport == "udp":
+            # RFC 6062 §4.1: the control connection of a TCP allocation is TCP or TLS.
+            raise ValueError("--tcp needs a TCP or TLS server: ?transport=tcp or turns:")
     except ValueError as exc:
         print(f"turn-probe: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    result = ProbeResult(server=f"{_host(target.host)}:{target.port}", transport=target.transport)
+    result = ProbeResult(
+        server=f"{_host(target.host)}:{target.port}",
+        transport=target.transport,
+        relay="tcp" if args.tcp else "udp",
+    )
     try:
         run(_probe(args, target, peer, result))
     except ProbeError as exc:
@@ -135,8 +160,9 @@ def main(args: argparse.Namespace) -> int:
     else:
         _print_summary(result)
     if result.lost == result.sent:
+        what = "messages" if args.tcp else "datagrams"
         return _report_failure(
-            args, result, ProbeError("no-echo", f"none of {result.sent} datagrams came back")
+            args, result, ProbeError("no-echo", f"none of {result.sent} {what} came back")
         )
     return EXIT_OK
 
@@ -145,8 +171,14 @@ async def _probe(
     args: argparse.Namespace, target: TurnTarget, peer: Address | None, result: ProbeResult
 ) -> None:
     timeout: float = args.timeout
+    config = TurnClientConfig(requested_transport="tcp" if args.tcp else "udp")
     turn = TurnClient(
-        target, args.user, args.password, ssl_context=_ssl_context(args, target), max_queued=256
+        target,
+        args.user,
+        args.password,
+        config=config,
+        ssl_context=_ssl_context(args, target),
+        max_queued=256,
     )
     try:
         await _step(turn.connect(), timeout, "allocating")
@@ -154,7 +186,7 @@ async def _probe(
         raise
     except BaseException as exc:
         raise _explain(exc, target, "allocating") from exc
-    echo: asyncio.DatagramTransport | None = None
+    echo: asyncio.DatagramTransport | asyncio.Server | None = None
     try:
         result.relayed = _format(turn.relayed_address)
         mapped = turn.mapped_address
@@ -163,7 +195,10 @@ async def _probe(
             print(f"relayed address: {result.relayed}")
             print(f"mapped address:  {result.mapped}")
         if peer is None:
-            echo, peer = await _start_echo_peer(turn.relayed_address)
+            if args.tcp:
+                echo, peer = await _start_tcp_echo_peer(turn.relayed_address)
+            else:
+                echo, peer = await _start_echo_peer(turn.relayed_address)
         result.peer = _format(peer)
         try:
             await _step(turn.create_permission(peer[0]), timeout, "creating a permission")
@@ -181,7 +216,10 @@ async def _probe(
             raise
         except BaseException as exc:
             raise _explain(exc, target, "creating a permission") from exc
-        await _ping(turn, peer, args.count, timeout / 5, result)
+        if args.tcp:
+            await _ping_tcp(turn, peer, args.count, timeout, result)
+        else:
+            await _ping(turn, peer, args.count, timeout / 5, result)
     finally:
         if echo is not None:
             echo.close()
@@ -217,6 +255,39 @@ async def _ping(
             raise _explain(exc, TurnTarget(peer[0], peer[1], "udp"), "relaying") from exc
 
 
+async def _ping_tcp(
+    turn: TurnClient, peer: Address, count: int, timeout: float, result: ProbeResult
+) -> None:
+    """RFC 6062: Connect to the peer, bind a data connection, time line echoes on it. A
+    stream cannot skip a lost echo, so the first one missing ends the run."""
+    try:
+        reader, writer = await asyncio.wait_for(turn.connect_peer(peer), timeout)
+    except TimeoutError as exc:
+        raise ProbeError(
+            "timeout", f"timeout: the TCP connection to {_format(peer)} took over {timeout:g} s"
+        ) from exc
+    except BaseException as exc:
+        raise _explain(exc, TurnTarget(peer[0], peer[1], "tcp"), "connecting to the peer") from exc
+    loop = asyncio.get_running_loop()
+    try:
+        for sequence in range(count):
+            payload = f"tsunagu turn-probe {sequence}\n".encode()
+            started = loop.time()
+            result.sent += 1
+            writer.write(payload)
+            try:
+                echoed = await asyncio.wait_for(reader.readexactly(len(payload)), timeout / 5)
+            except (TimeoutError, asyncio.IncompleteReadError):
+                return
+            if echoed != payload:
+                raise ProbeError("protocol", f"the peer echoed {echoed!r}, not {payload!r}")
+            result.rtts_ms.append((loop.time() - started) * 1000)
+    except OSError as exc:
+        raise _explain(exc, TurnTarget(peer[0], peer[1], "tcp"), "relaying") from exc
+    finally:
+        writer.close()
+
+
 async def _step(awaitable: Any, timeout: float, what: str) -> None:
     try:
         await asyncio.wait_for(awaitable, timeout)
@@ -237,9 +308,10 @@ def _explain(exc: BaseException, target: TurnTarget, what: str) -> ProbeError:
             return ProbeError("unreachable", f"unreachable: {where}: {reason}")
         cause = _TURN_CAUSES.get(exc.code, "error response")
         hint = " (check -u/-p)" if exc.code in (401, 441) else ""
+        reason = exc.reason.rstrip("\x00 ")  # coturn pads some reason phrases with NULs
         return ProbeError(
             cause.replace(" ", "-"),
-            f"{exc.code} {cause}: {exc.reason} while {what}{hint}",
+            f"{exc.code} {cause}: {reason} while {what}{hint}",
             exc.code,
         )
     if isinstance(exc, TransactionTimeoutError | TimeoutError):
@@ -302,6 +374,25 @@ async def _start_echo_peer(relayed: Address) -> tuple[asyncio.DatagramTransport,
     transport, _ = await loop.create_datagram_endpoint(_Echo, local_addr=(host, 0))
     sockname = transport.get_extra_info("sockname")
     return transport, (str(sockname[0]), int(sockname[1]))
+
+
+async def _start_tcp_echo_peer(relayed: Address) -> tuple[asyncio.Server, Address]:
+    """A TCP echo server on the loopback address of the relayed address's family."""
+    host = "::1" if ":" in relayed[0] else "127.0.0.1"
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(echo, host, 0)
+    sockname = server.sockets[0].getsockname()
+    return server, (str(sockname[0]), int(sockname[1]))
 
 
 def _ssl_context(args: argparse.Namespace, target: TurnTarget) -> ssl.SSLContext | None:

@@ -41,6 +41,13 @@ What it does, section by section:
 * Data indications (§11.4) and ChannelData (§12.6) from peers with a permission become
   :class:`~tsunagu.turn.client_events.DataReceived`; an ICMP attribute (§11.6) becomes
   :class:`~tsunagu.turn.client_events.PeerUnreachable`.
+* TCP allocations (RFC 6062, ``requested_transport="tcp"`` over a TCP/TLS connection): no
+  Send, Data or channels (§5); :meth:`~TurnClientConnection.connect` sends Connect (§4.3)
+  after creating the peer's permission, ConnectionAttempt indications (§4.4) become
+  :class:`~tsunagu.turn.client_events.ConnectionAttempt`, and
+  :meth:`~TurnClientConnection.bind_connection` returns the ConnectionBind handshake of a new
+  data connection (:class:`~tsunagu.turn.tcp_client.DataConnection`). The allocation and
+  its permissions are refreshed as for UDP, which keeps the data connections alive (§4.6).
 * Retransmission and timeouts are :class:`~tsunagu.stun.transaction.TransactionManager`'s
   (RFC 8489 §6.2): a server that disappears yields AllocationFailed / AllocationLost with a
   :class:`~tsunagu.errors.TransactionTimeoutError` within the transaction timeout.
@@ -56,7 +63,7 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from tsunagu.errors import (
     IntegrityError,
@@ -74,6 +81,7 @@ from tsunagu.stun.attributes import (
     AlternateServer,
     Attribute,
     ChannelNumber,
+    ConnectionId,
     Data,
     DontFragment,
     EvenPort,
@@ -87,16 +95,14 @@ from tsunagu.stun.attributes import (
     ReservationToken,
     Software,
     UnknownAttributes,
-    Username,
     XorMappedAddress,
     XorPeerAddress,
     XorRelayedAddress,
 )
-from tsunagu.stun.attributes import PasswordAlgorithm as PasswordAlgorithmAttr
-from tsunagu.stun.attributes import Userhash as UserhashAttr
 from tsunagu.stun.constants import (
     CHANNEL_MAX,
     CHANNEL_MIN,
+    TRANSPORT_TCP,
     TRANSPORT_UDP,
     AddressFamily,
     AttrType,
@@ -106,18 +112,19 @@ from tsunagu.stun.constants import (
 from tsunagu.stun.credentials import (
     CredentialError,
     PasswordAlgorithm,
-    long_term_key,
     opaque_string,
     parse_security_features,
-    userhash,
 )
 from tsunagu.stun.framing import ChannelData, StreamFramer
 from tsunagu.stun.message import IntegrityAlgorithm, Message
 from tsunagu.stun.transaction import TransactionConfig, TransactionManager
 from tsunagu.turn import client_events as ev
+from tsunagu.turn.client_auth import LongTermAuth
+from tsunagu.turn.tcp_client import DataConnection
 
 __all__ = [
     "CHANNEL_LIFETIME",
+    "CONNECT_RETRY_DELAY",
     "DEFAULT_LIFETIME",
     "PERMISSION_LIFETIME",
     "ClientState",
@@ -132,10 +139,12 @@ DEFAULT_LIFETIME = 600  # RFC 8656 §6: default allocation lifetime, seconds
 PERMISSION_LIFETIME = 300.0  # RFC 8656 §9: "MUST be 300 seconds"
 CHANNEL_LIFETIME = 600.0  # RFC 8656 §12: "lasts for 10 minutes unless refreshed"
 _REDIRECT_MEMORY = 300.0  # RFC 8489 §10: ignore a redirection to a server tried in 5 minutes
+CONNECT_RETRY_DELAY = 10.0
+"""RFC 6062 §4.3: after a 447 the client "MAY retry with the same XOR-PEER-ADDRESS attribute,
+but MUST wait at least 10 seconds"."""
 
 _CHANNEL_HEAD = struct.Struct("!HH")
 _PADDING = (b"", b"\x00\x00\x00", b"\x00\x00", b"\x00")
-_SUPPORTED_ALGORITHMS = frozenset(int(a) for a in PasswordAlgorithm)
 
 
 class Transmit(NamedTuple):
@@ -148,6 +157,12 @@ class Transmit(NamedTuple):
 @dataclass(frozen=True, slots=True)
 class TurnClientConfig:
     """Every knob of the TURN client, with its default and the RFC text behind it."""
+
+    requested_transport: Literal["udp", "tcp"] = "udp"
+    """REQUESTED-TRANSPORT of the Allocate request (RFC 8656 §7.1, §18.7): "udp" relays
+    datagrams; "tcp" asks for an RFC 6062 TCP allocation, whose peers are reached with
+    Connect and reach us with ConnectionAttempt, each over its own data connection. "tcp"
+    needs a TCP or TLS connection to the server (RFC 6062 §4.1)."""
 
     requested_lifetime: int | None = None
     """LIFETIME hint in Allocate and Refresh requests (RFC 8656 §7.1); the server uses
@@ -211,6 +226,14 @@ class TurnClientConfig:
     """Retransmission schedule and timeouts (RFC 8489 §6.2)."""
 
     def __post_init__(self) -> None:
+        if self.requested_transport not in ("udp", "tcp"):
+            raise ValueError(f"requested_transport {self.requested_transport!r}: udp or tcp")
+        if self.requested_transport == "tcp" and (
+            self.dont_fragment or self.even_port or self.reservation_token is not None
+        ):
+            # RFC 6062 §4.1: "The client MUST NOT include a DONT-FRAGMENT, RESERVATION-TOKEN,
+            # or EVEN-PORT attribute in the request."
+            raise ValueError("a TCP allocation excludes DONT-FRAGMENT, EVEN-PORT and tokens")
         if self.address_family is not None and self.dual_stack:
             raise ValueError("REQUESTED- and ADDITIONAL-ADDRESS-FAMILY exclude each other")
         if self.reservation_token is not None and (
@@ -265,6 +288,7 @@ class _Kind(enum.Enum):
     DEALLOCATE = "Refresh (LIFETIME 0)"
     PERMISSION = "CreatePermission"
     CHANNEL_BIND = "ChannelBind"
+    CONNECT = "Connect"
 
     @property
     def method(self) -> int:
@@ -277,6 +301,7 @@ _METHODS = {
     _Kind.DEALLOCATE: Method.REFRESH,
     _Kind.PERMISSION: Method.CREATE_PERMISSION,
     _Kind.CHANNEL_BIND: Method.CHANNEL_BIND,
+    _Kind.CONNECT: Method.CONNECT,
 }
 
 
@@ -292,20 +317,6 @@ class _Request:
     challenges: int = 0
     reauthenticated: bool = False
     integrity_failed: bool = False
-
-
-@dataclass(slots=True)
-class _Auth:
-    """Long-term credential state (RFC 8489 §9.2) learnt from a 401 or 438."""
-
-    realm: str
-    nonce: str
-    offered: tuple[tuple[int, bytes], ...] | None  # PASSWORD-ALGORITHMS, echoed as received
-    algorithm: PasswordAlgorithm
-    key: bytes
-    use_userhash: bool
-    integrity: IntegrityAlgorithm
-    proven: bool = False  # a response authenticated with this key arrived
 
 
 @dataclass(eq=False, slots=True)
@@ -332,6 +343,21 @@ class _Channel:
     stale: bool = False
     refresh_at: float = math.inf
     expires_at: float = math.inf
+
+
+class _ConnectStep(enum.Enum):
+    PERMISSION = "permission"  # waiting for CreatePermission (RFC 6062 §5.2 checks it)
+    BACKOFF = "backoff"  # a 447 came less than 10 s ago (RFC 6062 §4.3)
+    SENT = "sent"  # the Connect transaction runs
+
+
+@dataclass(eq=False, slots=True)
+class _Connect:
+    """One Connect the application asked for (RFC 6062 §4.3), until its outcome."""
+
+    peer: Address
+    step: _ConnectStep
+    not_before: float = 0.0
 
 
 def normalize_ip(ip: str) -> str:
@@ -365,12 +391,16 @@ class TurnClientConnection:
         self._password = password
         self._stream = stream
         self._config = config if config is not None else TurnClientConfig()
+        self._tcp = self._config.requested_transport == "tcp"
+        if self._tcp and not stream:
+            # RFC 6062 §4.1: the Allocate for a TCP relay goes over a TCP or TLS connection.
+            raise LocalProtocolError("a TCP allocation needs a TCP or TLS control connection")
         self._token = token_bytes
         self._tm = TransactionManager(self._config.transaction)
         self._framer = StreamFramer() if stream else None
 
         self._state = ClientState.IDLE
-        self._auth: _Auth | None = None
+        self._auth: LongTermAuth | None = None
         self._requests: dict[bytes, _Request] = {}
         self._transmits: deque[Transmit] = deque()
         self._events: deque[ev.TurnClientEvent] = deque()
@@ -389,6 +419,8 @@ class TurnClientConnection:
         self._channels: dict[Address, _Channel] = {}
         self._channel_numbers: dict[int, _Channel] = {}
         self._next_channel = CHANNEL_MIN
+        self._connects: dict[Address, _Connect] = {}
+        self._connect_retry_at: dict[Address, float] = {}
 
         self._last_sent = -math.inf
         self._keepalive_at = math.inf
@@ -410,6 +442,12 @@ class TurnClientConnection:
     @property
     def config(self) -> TurnClientConfig:
         return self._config
+
+    @property
+    def is_tcp_allocation(self) -> bool:
+        """The allocation relays TCP (RFC 6062): peers go through Connect, ConnectionAttempt
+        and data connections instead of :meth:`send_to`."""
+        return self._tcp
 
     @property
     def relayed_addresses(self) -> tuple[Address, ...]:
@@ -474,9 +512,65 @@ class TurnClientConnection:
         if not permission.installed and not permission.inflight:
             self._request_permission(permission, now)
 
+    def connect(self, peer: Address, now: float) -> None:
+        """Ask the server to open a TCP connection from the relayed address to ``peer``
+        (RFC 6062 §4.3); :class:`~tsunagu.turn.client_events.ConnectSucceeded` (with the
+        CONNECTION-ID for :meth:`bind_connection`) or
+        :class:`~tsunagu.turn.client_events.ConnectFailed` follows.
+
+        The peer's IP gets a permission first, created as for UDP and kept refreshed until
+        close (servers check it, and RFC 6062 §5.3 needs it for the peer's own connections
+        too). After a 447 the Connect to the same peer waits out the 10 s of §4.3."""
+        self._require_allocated()
+        if not self._tcp:
+            raise LocalProtocolError("Connect needs a TCP allocation (RFC 6062 §4.3)")
+        peer = (normalize_ip(peer[0]), peer[1])
+        if peer in self._connects:
+            # RFC 6062 §4.3: "Connect requests with the same XOR-PEER-ADDRESS parameter MUST
+            # NOT be sent simultaneously."
+            raise LocalProtocolError(f"a Connect to {peer[0]} port {peer[1]} is in progress")
+        if self._connect_retry_at:  # forget 447s whose 10 s are over
+            self._connect_retry_at = {p: t for p, t in self._connect_retry_at.items() if t > now}
+        connect = self._connects[peer] = _Connect(peer, _ConnectStep.PERMISSION)
+        permission = self._permissions.get(peer[0])
+        if permission is None:
+            permission = self._permissions[peer[0]] = _Permission(peer[0])
+        permission.pinned = True
+        if not permission.installed:
+            if not permission.inflight:
+                self._request_permission(permission, now)
+            return
+        self._send_connect(connect, now)
+
+    def bind_connection(self, connection_id: int, peer: Address | None = None) -> DataConnection:
+        """The handshake of a new data connection for ``connection_id`` (from
+        :class:`~tsunagu.turn.client_events.ConnectSucceeded` or
+        :class:`~tsunagu.turn.client_events.ConnectionAttempt`), carrying this connection's
+        credentials as RFC 6062 §4.3/§4.4 require. The driver connects it to :attr:`server`
+        with the control connection's transport (TCP or TLS)."""
+        self._require_allocated()
+        if not self._tcp:
+            raise LocalProtocolError("ConnectionBind needs a TCP allocation (RFC 6062 §4.3)")
+        return DataConnection(
+            connection_id,
+            self._server,
+            self._username,
+            self._password,
+            self._auth.copy() if self._auth is not None else None,
+            peer=peer,
+            transaction=self._config.transaction,
+            fingerprint=self._config.fingerprint,
+            max_challenges=self._config.max_challenges,
+            token_bytes=self._token,
+        )
+
     def send_to(self, data: bytes, peer: Address, now: float) -> None:
         """Relay ``data`` to ``peer``: as ChannelData when a channel is bound, else in a Send
         indication; the first datagram to a new peer IP waits for its permission."""
+        if self._tcp:
+            # RFC 6062 §5: a TCP allocation relays over data connections, never in Send
+            # indications or ChannelData.
+            raise LocalProtocolError("a TCP allocation has no datagrams: use connect()")
         if self._state is not ClientState.ALLOCATED:
             if self._reallocating and self._state is ClientState.ALLOCATING:
                 self.stats.dropped += 1  # like a datagram lost in the network
@@ -524,6 +618,7 @@ class TurnClientConnection:
             return
         allocated = self._state is ClientState.ALLOCATED
         self._cancel_all()
+        self._abort_connects(LocalProtocolError("the TURN client is closing"))
         self._forget_allocation()
         if allocated:
             self._state = ClientState.CLOSING
@@ -627,6 +722,9 @@ class TurnClientConnection:
                 else:
                     channel.stale = True
                     self._dirty = True
+        for connect in list(self._connects.values()):
+            if connect.step is _ConnectStep.BACKOFF and now >= connect.not_before:
+                self._send_connect(connect, now)
         if now >= self._keepalive_at:
             interval = self._config.keepalive_interval
             assert interval is not None
@@ -673,7 +771,9 @@ class TurnClientConnection:
 
     def _allocate_attributes(self) -> list[Attribute]:
         config = self._config
-        attributes: list[Attribute] = [RequestedTransport(TRANSPORT_UDP)]  # RFC 8656 §7.1
+        # RFC 8656 §7.1; TCP (6) asks for an RFC 6062 TCP allocation (§4.1).
+        transport = TRANSPORT_TCP if self._tcp else TRANSPORT_UDP
+        attributes: list[Attribute] = [RequestedTransport(transport)]
         if config.address_family is not None:
             attributes.append(RequestedAddressFamily(config.address_family))
         if config.dual_stack:
@@ -704,16 +804,7 @@ class TurnClientConnection:
         key: bytes | None = None
         integrity: IntegrityAlgorithm = "sha1"
         if auth is not None:
-            if auth.use_userhash:  # RFC 8489 §9.2.5: "Username anonymity" bit set
-                attributes.append(UserhashAttr(userhash(self._username, auth.realm)))
-            else:
-                attributes.append(Username(self._username))
-            attributes.append(Realm(auth.realm))
-            attributes.append(Nonce(auth.nonce))
-            if auth.offered is not None:
-                # §9.2.4 server check: PASSWORD-ALGORITHMS as received, plus our choice.
-                attributes.append(PasswordAlgorithms(auth.offered))
-                attributes.append(PasswordAlgorithmAttr(auth.algorithm))
+            attributes.extend(auth.attributes(self._username))
             key, integrity = auth.key, auth.integrity
         transaction_id = self._token(12)
         message = Message(kind.method, MessageClass.REQUEST, transaction_id, attributes)
@@ -746,6 +837,8 @@ class TurnClientConnection:
         if message_class is MessageClass.INDICATION:
             if message.method == Method.DATA:
                 self._handle_data_indication(message, now)
+            elif message.method == Method.CONNECTION_ATTEMPT:
+                self._handle_connection_attempt(message)
             else:
                 self.stats.discarded += 1
             return
@@ -836,44 +929,17 @@ class TurnClientConnection:
             self._request_failed(request, TurnError(code, reason), now)
             return
         request.challenges += 1
-        if (
-            old is not None
-            and old.realm == realm.value
-            and (offered.algorithms if offered is not None else None) == old.offered
-        ):
+        if old is not None and old.same_key(realm.value, offered):
             old.nonce = nonce.value  # same key, fresh nonce
         else:
             try:
-                self._auth = self._make_auth(realm.value, nonce.value, offered)
+                self._auth = LongTermAuth.from_challenge(
+                    self._username, self._password, realm.value, nonce.value, offered
+                )
             except CredentialError as exc:
                 self._request_failed(request, TurnError(code, f"{reason} ({exc})"), now)
                 return
         self._start(request, now)
-
-    def _make_auth(self, realm: str, nonce: str, offered: PasswordAlgorithms | None) -> _Auth:
-        features = parse_security_features(nonce)
-        algorithm = PasswordAlgorithm.MD5
-        integrity: IntegrityAlgorithm = "sha1"
-        algorithms: tuple[tuple[int, bytes], ...] | None = None
-        if offered is not None:
-            algorithms = offered.algorithms
-            # RFC 8489 §9.2.5: "the first algorithm supported on the list"; none supported
-            # means "MUST NOT retry". With PASSWORD-ALGORITHMS, only MESSAGE-INTEGRITY-SHA256.
-            chosen = next((a for a, _ in algorithms if a in _SUPPORTED_ALGORITHMS), None)
-            if chosen is None:
-                raise CredentialError("the server offers no password algorithm we support")
-            algorithm = PasswordAlgorithm(chosen)
-            integrity = "sha256"
-        key = long_term_key(self._username, realm, self._password, algorithm)
-        return _Auth(
-            realm=realm,
-            nonce=nonce,
-            offered=algorithms,
-            algorithm=algorithm,
-            key=key,
-            use_userhash=features is not None and features.username_anonymity,
-            integrity=integrity,
-        )
 
     def _try_alternate(self, message: Message, reason: str, now: float) -> None:
         """300 Try Alternate (RFC 8656 §7.4, RFC 8489 §10)."""
@@ -897,6 +963,7 @@ class TurnClientConnection:
 
     def _fail_allocation(self, error: TsunaguError) -> None:
         self._cancel_all()
+        self._abort_connects(error)
         self._forget_allocation()
         self._state = ClientState.FAILED
         self._reallocating = False
@@ -923,6 +990,9 @@ class TurnClientConnection:
             if permission is not None:
                 permission.inflight = False
                 self._permission_installed(permission, request.started, now)
+        elif kind is _Kind.CONNECT:
+            assert request.peer is not None
+            self._connect_succeeded(request.peer, message)
         else:
             assert request.peer is not None
             channel = self._channels.get(request.peer)
@@ -1006,6 +1076,18 @@ class TurnClientConnection:
                 self._dirty = True
                 self._unbind_channels_of(permission.ip)
             self._events.append(ev.PermissionFailed(request.peer[0], error))
+            # A Connect waiting for this permission cannot succeed (RFC 6062 §5.2: 403).
+            for connect in list(self._connects.values()):
+                if connect.peer[0] == request.peer[0]:
+                    del self._connects[connect.peer]
+                    self._events.append(ev.ConnectFailed(connect.peer, error))
+        elif kind is _Kind.CONNECT:
+            assert request.peer is not None
+            self._connects.pop(request.peer, None)
+            if code == 447:
+                # RFC 6062 §4.3: a retry to this peer "MUST wait at least 10 seconds".
+                self._connect_retry_at[request.peer] = now + CONNECT_RETRY_DELAY
+            self._events.append(ev.ConnectFailed(request.peer, error))
         else:
             assert request.peer is not None
             channel = self._channels.get(request.peer)
@@ -1018,6 +1100,7 @@ class TurnClientConnection:
     def _allocation_lost(self, error: TsunaguError, now: float, *, reallocate: bool) -> None:
         pinned = [ip for ip, p in self._permissions.items() if p.pinned]
         self._cancel_all()
+        self._abort_connects(error)
         self._forget_allocation()
         can_reallocate = reallocate and self._config.reallocate
         self._events.append(ev.AllocationLost(error, reallocating=can_reallocate))
@@ -1035,6 +1118,7 @@ class TurnClientConnection:
         if state in (ClientState.CLOSED, ClientState.FAILED):
             return
         self._cancel_all()
+        self._abort_connects(error)
         self._forget_allocation()
         if state is ClientState.CLOSING:
             self._state = ClientState.CLOSED
@@ -1053,6 +1137,7 @@ class TurnClientConnection:
         self._channels.clear()
         self._channel_numbers.clear()
         self._next_channel = CHANNEL_MIN
+        self._connect_retry_at.clear()
         self._relayed = ()
         self._refresh_at = self._expires_at = self._keepalive_at = math.inf
         self._refresh_inflight = False
@@ -1088,6 +1173,10 @@ class TurnClientConnection:
         while queue:
             data, peer = queue.popleft()
             self._send_data(data, peer, now)
+        if self._connects:
+            for connect in list(self._connects.values()):
+                if connect.step is _ConnectStep.PERMISSION and connect.peer[0] == permission.ip:
+                    self._send_connect(connect, now)
 
     def _expire_permission(self, permission: _Permission) -> None:
         del self._permissions[permission.ip]
@@ -1196,6 +1285,57 @@ class TurnClientConnection:
             if channel.stale and channel.bound and not channel.inflight:
                 self._request_channel(channel, now)
 
+    # --- RFC 6062 TCP allocations --------------------------------------------------------
+
+    def _send_connect(self, connect: _Connect, now: float) -> None:
+        """The Connect request (RFC 6062 §4.3), unless a 447 for this peer is under 10 s old."""
+        retry_at = self._connect_retry_at.get(connect.peer)
+        if retry_at is not None:
+            if now < retry_at:
+                connect.step = _ConnectStep.BACKOFF
+                connect.not_before = retry_at
+                self._dirty = True
+                return
+            del self._connect_retry_at[connect.peer]
+        connect.step = _ConnectStep.SENT
+        self._start(_Request(_Kind.CONNECT, [XorPeerAddress(connect.peer)], peer=connect.peer), now)
+
+    def _connect_succeeded(self, peer: Address, message: Message) -> None:
+        self._connects.pop(peer, None)
+        connection_id = message.get(ConnectionId)
+        if connection_id is None:
+            # RFC 6062 §5.2: the success response "MUST contain a CONNECTION-ID".
+            error = TurnError(0, "Connect success without CONNECTION-ID")
+            self._events.append(ev.ConnectFailed(peer, error))
+            return
+        self._events.append(ev.ConnectSucceeded(peer, connection_id.value))
+
+    def _abort_connects(self, error: TsunaguError) -> None:
+        connects, self._connects = self._connects, {}
+        for connect in connects.values():
+            self._events.append(ev.ConnectFailed(connect.peer, error))
+
+    def _handle_connection_attempt(self, message: Message) -> None:
+        """RFC 6062 §4.4: a peer connected to the relayed address. The server only sends
+        this for a peer with a permission (§5.3); one we hold no permission for is stray."""
+        peer_attribute = message.get(XorPeerAddress)
+        connection_id = message.get(ConnectionId)
+        if (
+            peer_attribute is None
+            or connection_id is None
+            or not self._tcp
+            or self._state is not ClientState.ALLOCATED
+        ):
+            self.stats.discarded += 1
+            return
+        peer = peer_attribute.address
+        permission = self._permissions.get(peer[0])
+        if permission is None or not permission.installed:
+            self.stats.discarded += 1
+            return
+        permission.used = True  # the peer is active: keep its permission refreshed
+        self._events.append(ev.ConnectionAttempt(peer, connection_id.value))
+
     # --- timers --------------------------------------------------------------------------
 
     def _compute_deadline(self) -> float | None:
@@ -1213,4 +1353,7 @@ class TurnClientConnection:
             if channel.bound and not channel.inflight:
                 due = channel.expires_at if channel.stale else channel.refresh_at
                 deadline = min(deadline, due)
+        for connect in self._connects.values():
+            if connect.step is _ConnectStep.BACKOFF:
+                deadline = min(deadline, connect.not_before)
         return None if deadline == math.inf else deadline

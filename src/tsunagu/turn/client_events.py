@@ -8,6 +8,11 @@ error code, 0 for a local failure), :class:`~tsunagu.errors.TransactionTimeoutEr
 server stopped answering (RFC 8489 §6.2), :class:`~tsunagu.errors.IntegrityError` when its
 answers failed MESSAGE-INTEGRITY (RFC 8489 §9.2.5), and
 :class:`~tsunagu.errors.StunDecodeError` when a TCP/TLS stream could not be framed.
+
+RFC 6062 TCP allocations add three events of the control connection (:class:`ConnectSucceeded`,
+:class:`ConnectFailed`, :class:`ConnectionAttempt`) and the two outcomes of a data connection's
+ConnectionBind (:class:`ConnectionBound`, :class:`ConnectionBindFailed`), which
+:class:`~tsunagu.turn.tcp_client.DataConnection` returns.
 """
 
 from __future__ import annotations
@@ -26,6 +31,12 @@ __all__ = [
     "ChannelBindFailed",
     "ChannelBound",
     "Closed",
+    "ConnectFailed",
+    "ConnectSucceeded",
+    "ConnectionAttempt",
+    "ConnectionBindFailed",
+    "ConnectionBound",
+    "DataConnectionEvent",
     "DataReceived",
     "PeerUnreachable",
     "PermissionCreated",
@@ -148,6 +159,58 @@ class PeerUnreachable:
     icmp_code: int
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectSucceeded:
+    """The server connected the TCP relayed address to ``peer`` (RFC 6062 §4.3, §5.2): open a
+    new connection to the server and send ConnectionBind with ``connection_id`` (see
+    :meth:`~tsunagu.turn.client.TurnClientConnection.bind_connection`) within 30 s."""
+
+    peer: Address
+    connection_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectFailed:
+    """A Connect request failed (RFC 6062 §4.3): ``error`` is a
+    :class:`~tsunagu.errors.TurnError` with 446 Connection Already Exists, 447 Connection
+    Timeout or Failure (the server could not reach the peer; a retry waits 10 s), 403
+    Forbidden (peer policy, or the permission was refused), or a transaction timeout."""
+
+    peer: Address
+    error: TsunaguError
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionAttempt:
+    """A ConnectionAttempt indication (RFC 6062 §4.4, §5.3): ``peer``, which has a permission,
+    connected to the TCP relayed address. To accept, bind a data connection to
+    ``connection_id`` within 30 s; otherwise the server closes the peer's connection."""
+
+    peer: Address
+    connection_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionBound:
+    """ConnectionBind succeeded (RFC 6062 §4.3, §4.4): the data connection now carries the
+    peer's bytes as they are (§4.5). ``data`` holds peer bytes that arrived right behind the
+    success response; everything after it must go to the application unparsed."""
+
+    connection_id: int
+    peer: Address | None
+    data: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionBindFailed:
+    """ConnectionBind failed (an error response such as 400 for an unknown or expired
+    CONNECTION-ID, a timeout, or a lost connection): close the data connection."""
+
+    connection_id: int
+    peer: Address | None
+    error: TsunaguError
+
+
 TurnClientEvent = (
     Allocated
     | AllocationFailed
@@ -161,5 +224,11 @@ TurnClientEvent = (
     | ChannelBindFailed
     | DataReceived
     | PeerUnreachable
+    | ConnectSucceeded
+    | ConnectFailed
+    | ConnectionAttempt
 )
 """Every event :meth:`TurnClientConnection.poll_event` can return."""
+
+DataConnectionEvent = ConnectionBound | ConnectionBindFailed
+"""Every event :meth:`~tsunagu.turn.tcp_client.DataConnection.poll_event` can return."""

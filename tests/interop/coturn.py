@@ -1,0 +1,183 @@
+"""coturn's ``turnserver`` started by the interop tests on loopback ports chosen free, with
+a self-signed certificate made here. It must be installed (scripts/test.sh installs it): a
+missing coturn FAILS the tests, it never skips them.
+
+    server = Coturn(tmp_path)            # --allow-loopback-peers; Coturn(..., permissive=False)
+    server.uri("udp")                    # "turn:127.0.0.1:PORT?transport=udp"
+    server.stop()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib
+import ipaddress
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tsunagu.aio.turn_client import TurnTarget
+from tsunagu.stun.constants import MessageClass, Method
+from tsunagu.stun.message import Message
+
+__all__ = ["PASSWORD", "REALM", "USER", "Coturn", "free_port", "make_certificate"]
+
+USER, PASSWORD, REALM = "tsunagu", "s3cret", "tsunagu.test"
+WAIT = 10.0  # seconds coturn may take to answer its first Binding
+
+
+def free_port() -> int:
+    """A port free for both TCP and UDP on 127.0.0.1 and ::1 (coturn listens on both)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port = int(tcp.getsockname()[1])
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                    udp.bind(("127.0.0.1", port))
+                with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as udp6:
+                    udp6.bind(("::1", port))
+                with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as tcp6:
+                    tcp6.bind(("::1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found")
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost, 127.0.0.1 and ::1: made with the
+    ``cryptography`` package when it is installed, else with ``openssl req``."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    try:
+        x509: Any = importlib.import_module("cryptography.x509")
+        hashes: Any = importlib.import_module("cryptography.hazmat.primitives.hashes")
+        serialization: Any = importlib.import_module("cryptography.hazmat.primitives.serialization")
+        ec: Any = importlib.import_module("cryptography.hazmat.primitives.asymmetric.ec")
+    except ImportError:
+        subprocess.run(
+            [
+                "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                "-keyout", str(key), "-out", str(cert), "-days", "2",
+                "-subj", "/CN=localhost",
+                "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )  # fmt: skip
+        return cert, key
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    names = [x509.DNSName("localhost")] + [
+        x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", "::1")
+    ]
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(private, hashes.SHA256())
+    )
+    encoding = serialization.Encoding.PEM
+    key.write_bytes(
+        private.private_bytes(
+            encoding, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    cert.write_bytes(certificate.public_bytes(encoding))
+    return cert, key
+
+
+class Coturn:
+    """One turnserver process on loopback."""
+
+    def __init__(self, directory: Path, *, permissive: bool = True, quota: int | None = None):
+        binary = shutil.which("turnserver")
+        if binary is None:
+            pytest.fail("coturn's turnserver is not installed (scripts/test.sh installs it)")
+        directory.mkdir(parents=True, exist_ok=True)
+        self.cert, key = make_certificate(directory)
+        self.port = free_port()
+        self.tls_port = free_port()
+        self.log = directory / "turnserver.log"
+        args = [
+            binary, "-n", "--no-cli", "--no-dtls", "--simple-log",
+            "--log-file", "stdout",
+            "--pidfile", str(directory / "turnserver.pid"),
+            "--listening-ip", "127.0.0.1", "--listening-ip", "::1",
+            "--relay-ip", "127.0.0.1", "--relay-ip", "::1",
+            "--listening-port", str(self.port), "--tls-listening-port", str(self.tls_port),
+            "--lt-cred-mech", "--user", f"{USER}:{PASSWORD}", "--realm", REALM,
+            "--cert", str(self.cert), "--pkey", str(key),
+            # Nonces go stale after 3 s, so longer tests see 438 and the client's retry.
+            "--stale-nonce=3",  # an optional argument: only this spelling sets it
+        ]  # fmt: skip
+        if permissive:
+            args.append("--allow-loopback-peers")
+        if quota is not None:
+            args += ["--user-quota", str(quota)]
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self) -> None:
+        """Ready when a STUN Binding over UDP is answered and the TLS port accepts."""
+        request = Message(Method.BINDING, MessageClass.REQUEST, os.urandom(12)).encode()
+        deadline = time.monotonic() + WAIT
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.settimeout(0.05)
+            for _ in range(400):
+                if self.process.poll() is not None:
+                    pytest.fail(f"turnserver exited: {self.log.read_text(errors='replace')}")
+                if time.monotonic() > deadline:
+                    break
+                probe.sendto(request, ("127.0.0.1", self.port))
+                try:
+                    probe.recv(2048)
+                except TimeoutError:
+                    continue
+                with contextlib.suppress(OSError):
+                    socket.create_connection(("127.0.0.1", self.tls_port), timeout=1).close()
+                    return
+        pytest.fail(f"turnserver did not become ready: {self.log.read_text(errors='replace')}")
+
+    def uri(self, transport: str, host: str = "127.0.0.1") -> str:
+        literal = f"[{host}]" if ":" in host else host
+        if transport == "tls":
+            return f"turns:{literal}:{self.tls_port}?transport=tcp"
+        return f"turn:{literal}:{self.port}?transport={transport}"
+
+    def target(self, transport: str, host: str = "127.0.0.1") -> TurnTarget:
+        port = self.tls_port if transport == "tls" else self.port
+        return TurnTarget(host, port, transport)  # type: ignore[arg-type]
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.cert))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
