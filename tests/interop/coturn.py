@@ -5,6 +5,8 @@ missing coturn FAILS the tests, it never skips them.
     server = Coturn(tmp_path)            # --allow-loopback-peers; Coturn(..., permissive=False)
     server.uri("udp")                    # "turn:127.0.0.1:PORT?transport=udp"
     server.stop()
+
+    coturn = coturn_fixture("coturn")    # in a test module: its tests share one server
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import socket
 import ssl
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,17 @@ from tsunagu.aio.turn_client import TurnTarget
 from tsunagu.stun.constants import MessageClass, Method
 from tsunagu.stun.message import Message
 
-__all__ = ["PASSWORD", "REALM", "USER", "Coturn", "free_port", "make_certificate"]
+__all__ = [
+    "PASSWORD",
+    "REALM",
+    "USER",
+    "Coturn",
+    "TurnserverProcess",
+    "coturn_fixture",
+    "free_port",
+    "make_certificate",
+    "turnserver_binary",
+]
 
 USER, PASSWORD, REALM = "tsunagu", "s3cret", "tsunagu.test"
 WAIT = 10.0  # seconds coturn may take to answer its first Binding
@@ -103,18 +116,51 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-class Coturn:
+def turnserver_binary() -> str:
+    """Where coturn's ``turnserver`` is; a missing one fails the test."""
+    binary = shutil.which("turnserver")
+    if binary is None:
+        pytest.fail("coturn's turnserver is not installed (scripts/test.sh installs it)")
+    return binary
+
+
+class TurnserverProcess:
+    """A ``turnserver`` run with ``args``, its output in ``directory/turnserver.log``;
+    stopped again at once if it does not get ready (:meth:`_wait_ready`, which each kind
+    of server defines)."""
+
+    def __init__(self, directory: Path, args: list[str]) -> None:
+        self.log = directory / "turnserver.log"
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+class Coturn(TurnserverProcess):
     """One turnserver process on loopback."""
 
     def __init__(self, directory: Path, *, permissive: bool = True, quota: int | None = None):
-        binary = shutil.which("turnserver")
-        if binary is None:
-            pytest.fail("coturn's turnserver is not installed (scripts/test.sh installs it)")
+        binary = turnserver_binary()
         directory.mkdir(parents=True, exist_ok=True)
         self.cert, key = make_certificate(directory)
         self.port = free_port()
         self.tls_port = free_port()
-        self.log = directory / "turnserver.log"
         args = [
             binary, "-n", "--no-cli", "--no-dtls", "--simple-log",
             "--log-file", "stdout",
@@ -131,13 +177,7 @@ class Coturn:
             args.append("--allow-loopback-peers")
         if quota is not None:
             args += ["--user-quota", str(quota)]
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        super().__init__(directory, args)
 
     def _wait_ready(self) -> None:
         """Ready when a STUN Binding over UDP is answered and the TLS port accepts."""
@@ -173,11 +213,17 @@ class Coturn:
     def ssl_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.cert))
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+
+def coturn_fixture(name: str, **options: Any) -> object:
+    """A module-scoped pytest fixture called ``name``: one :class:`Coturn` (made with
+    ``options``) for the tests of the module that ask for it, stopped after them. Bind it
+    at the module's top level, where pytest looks for fixtures:
+    ``strict_coturn = coturn_fixture("strict_coturn", permissive=False)``."""
+
+    @pytest.fixture(scope="module", name=name)
+    def fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coturn]:
+        server = Coturn(tmp_path_factory.mktemp(name), **options)
+        yield server
+        server.stop()
+
+    return fixture

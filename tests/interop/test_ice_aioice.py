@@ -11,27 +11,25 @@ if it is missing the import fails the module, it is not skipped.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import sys
+from pathlib import Path
 
 import aioice
 import aioice.ice
 import pytest
 
 from tsunagu.aio.ice import IceConnection, TurnServer
-from tsunagu.aio.turn_server import TurnServer as AioTurnServer
 from tsunagu.ice.candidate import Candidate, CandidateType
-from tsunagu.turn.config import TurnServerConfig
+
+_TESTS = str(Path(__file__).resolve().parent.parent)
+if _TESTS not in sys.path:  # tests/aiotest.py and tests/loopback_servers.py
+    sys.path.insert(0, _TESTS)
+from aiotest import bounded  # noqa: E402
+from loopback_servers import PASSWORD, USER, start_turn_server  # noqa: E402
 
 pytestmark = pytest.mark.interop
 
 LIMIT = 10.0
-
-
-def bounded(test: Callable[[], Awaitable[None]]) -> None:
-    async def main() -> None:
-        await asyncio.wait_for(test(), LIMIT)
-
-    asyncio.run(main())
 
 
 @pytest.fixture(autouse=True)
@@ -42,9 +40,18 @@ def aioice_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(aioice.ice, "get_host_addresses", loopback_only)
 
 
-async def signal_and_connect(ours: IceConnection, theirs: aioice.Connection) -> None:
-    """Signalling, both ways, through the RFC 8839 text of each candidate; then connect
-    both and carry data both ways."""
+def aioice_connection(tsunagu_controlling: bool, components: int = 1) -> aioice.Connection:
+    """aioice's agent in the other role than ours, IPv4 only."""
+    return aioice.Connection(
+        ice_controlling=not tsunagu_controlling,
+        components=components,
+        use_ipv4=True,
+        use_ipv6=False,
+    )
+
+
+async def signal(ours: IceConnection, theirs: aioice.Connection) -> None:
+    """Signalling, both ways, through the RFC 8839 text of each candidate."""
     ours.remote_username = theirs.local_username
     ours.remote_password = theirs.local_password
     theirs.remote_username = ours.local_username
@@ -58,6 +65,10 @@ async def signal_and_connect(ours: IceConnection, theirs: aioice.Connection) -> 
         )
     await theirs.add_remote_candidate(None)
 
+
+async def signal_and_connect(ours: IceConnection, theirs: aioice.Connection) -> None:
+    """:func:`signal`; then connect both and carry data both ways."""
+    await signal(ours, theirs)
     pair, _ = await asyncio.gather(ours.connect(), theirs.connect())
     assert pair.remote.port == theirs.local_candidates[0].port
     for i in range(3):
@@ -70,12 +81,7 @@ async def signal_and_connect(ours: IceConnection, theirs: aioice.Connection) -> 
 @pytest.mark.parametrize("tsunagu_controlling", [True, False])
 def test_tsunagu_and_aioice_connect_and_exchange_data(tsunagu_controlling: bool) -> None:
     async def test() -> None:
-        theirs = aioice.Connection(
-            ice_controlling=not tsunagu_controlling,
-            components=1,
-            use_ipv4=True,
-            use_ipv6=False,
-        )
+        theirs = aioice_connection(tsunagu_controlling)
         try:
             async with IceConnection(
                 tsunagu_controlling, host_addresses=["127.0.0.1"], allow_loopback=True
@@ -86,7 +92,7 @@ def test_tsunagu_and_aioice_connect_and_exchange_data(tsunagu_controlling: bool)
         finally:
             await theirs.close()
 
-    bounded(test)
+    bounded(test, LIMIT)
 
 
 @pytest.mark.parametrize("tsunagu_controlling", [True, False])
@@ -95,24 +101,9 @@ def test_tsunagu_relay_only_and_aioice(tsunagu_controlling: bool) -> None:
     to the relayed address."""
 
     async def test() -> None:
-        server = await AioTurnServer.start(
-            TurnServerConfig(
-                listen=(("127.0.0.1", 0),),
-                relay_ips=("127.0.0.1",),
-                users=("alice:wonderland",),
-                realm="tsunagu.test",
-                allow_peers=("127.0.0.0/8",),
-                min_port=61000,  # clear of the ephemeral ports of aioice's host candidate
-                max_port=65535,
-            )
-        )
-        theirs = aioice.Connection(
-            ice_controlling=not tsunagu_controlling,
-            components=1,
-            use_ipv4=True,
-            use_ipv6=False,
-        )
-        relay = TurnServer(f"turn:127.0.0.1:{server.udp_addresses[0][1]}", "alice", "wonderland")
+        server = await start_turn_server()
+        theirs = aioice_connection(tsunagu_controlling)
+        relay = TurnServer(f"turn:127.0.0.1:{server.udp_addresses[0][1]}", USER, PASSWORD)
         try:
             async with IceConnection(
                 tsunagu_controlling, turn_servers=[relay], relay_only=True, allow_loopback=True
@@ -126,7 +117,7 @@ def test_tsunagu_relay_only_and_aioice(tsunagu_controlling: bool) -> None:
             await theirs.close()
             await server.close()
 
-    bounded(test)
+    bounded(test, LIMIT)
 
 
 @pytest.mark.parametrize("tsunagu_controlling", [True, False])
@@ -136,12 +127,7 @@ def test_tsunagu_and_aioice_with_two_components(tsunagu_controlling: bool) -> No
     ``recvfrom`` against aioice's)."""
 
     async def test() -> None:
-        theirs = aioice.Connection(
-            ice_controlling=not tsunagu_controlling,
-            components=2,
-            use_ipv4=True,
-            use_ipv6=False,
-        )
+        theirs = aioice_connection(tsunagu_controlling, components=2)
         try:
             async with IceConnection(
                 tsunagu_controlling,
@@ -152,19 +138,7 @@ def test_tsunagu_and_aioice_with_two_components(tsunagu_controlling: bool) -> No
                 await asyncio.gather(ours.gather(), theirs.gather_candidates())
                 assert sorted(c.component for c in theirs.local_candidates) == [1, 2]
                 assert sorted(c.component for c in ours.local_candidates) == [1, 2]
-                ours.set_remote_credentials(theirs.local_username, theirs.local_password)
-                theirs.remote_username = ours.local_username
-                theirs.remote_password = ours.local_password
-                for candidate in theirs.local_candidates:
-                    await ours.add_remote_candidate(
-                        Candidate.from_sdp("candidate:" + candidate.to_sdp())
-                    )
-                await ours.add_remote_candidate(None)
-                for own in ours.local_candidates:
-                    await theirs.add_remote_candidate(
-                        aioice.Candidate.from_sdp(own.to_sdp().removeprefix("candidate:"))
-                    )
-                await theirs.add_remote_candidate(None)
+                await signal(ours, theirs)
                 await asyncio.gather(ours.connect(), theirs.connect())
 
                 ports = {c.component: c.port for c in theirs.local_candidates}
@@ -178,4 +152,4 @@ def test_tsunagu_and_aioice_with_two_components(tsunagu_controlling: bool) -> No
         finally:
             await theirs.close()
 
-    bounded(test)
+    bounded(test, LIMIT)

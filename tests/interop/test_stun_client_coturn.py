@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +27,11 @@ from tsunagu.nat.discovery import DiscoveryConfig
 from tsunagu.stun.attributes import Address
 from tsunagu.stun.constants import MessageClass, Method
 from tsunagu.stun.message import Message
+
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:  # tests/interop/coturn.py, shared by the coturn tests
+    sys.path.insert(0, _HERE)
+from coturn import TurnserverProcess, turnserver_binary  # noqa: E402
 
 pytestmark = pytest.mark.interop
 
@@ -59,16 +62,13 @@ def _free_ports() -> tuple[int, int]:
     raise RuntimeError("no free ports found")
 
 
-class Coturn:
+class Coturn(TurnserverProcess):
     """One STUN-only turnserver on 127.0.0.1 and 127.0.0.2."""
 
     def __init__(self, directory: Path) -> None:
-        binary = shutil.which("turnserver")
-        if binary is None:
-            pytest.fail("coturn's turnserver is not installed (scripts/test.sh installs it)")
+        binary = turnserver_binary()
         directory.mkdir(parents=True, exist_ok=True)
         self.port, self.alt_port = _free_ports()
-        self.log = directory / "turnserver.log"
         args = [
             binary, "-n", "--no-cli", "--no-tls", "--no-dtls", "--stun-only",
             "--simple-log", "--log-file", "stdout",
@@ -76,13 +76,7 @@ class Coturn:
             "--listening-ip", IPS[0], "--listening-ip", IPS[1],
             "--listening-port", str(self.port), "--alt-listening-port", str(self.alt_port),
         ]  # fmt: skip
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        super().__init__(directory, args)
 
     @property
     def primary(self) -> Address:
@@ -117,15 +111,6 @@ class Coturn:
 
     def uri(self, query: str = "") -> str:
         return f"stun:{IPS[0]}:{self.port}{query}"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, ParamSpec, cast
+from typing import cast
 
 import pytest
 
@@ -29,40 +28,22 @@ from tsunagu.stun.constants import AddressFamily
 from tsunagu.turn import client_events as ev
 from tsunagu.turn.client import TurnClientConfig
 
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:  # tests/interop/coturn.py, shared by the coturn tests
-    sys.path.insert(0, _HERE)
-from coturn import PASSWORD, USER, Coturn, free_port  # noqa: E402
+_HERE = Path(__file__).resolve().parent
+for folder in (_HERE, _HERE.parent):  # coturn.py here, aiotest.py in tests/
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+from coturn import PASSWORD, USER, Coturn, coturn_fixture, free_port  # noqa: E402
+
+from aiotest import asynctest_within, run_tsunagu  # noqa: E402
 
 pytestmark = pytest.mark.interop
 
 WAIT = 10.0  # upper bound for any single exchange with a local coturn
-P = ParamSpec("P")
+asynctest = asynctest_within(60)
 
-
-def asynctest(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]:
-    """Run an async test on a fresh event loop, bounded in time."""
-
-    @functools.wraps(test)
-    def run(*args: P.args, **kwargs: P.kwargs) -> None:
-        asyncio.run(asyncio.wait_for(test(*args, **kwargs), 60))
-
-    return run
-
-
-@pytest.fixture(scope="module")
-def coturn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coturn]:
-    server = Coturn(tmp_path_factory.mktemp("coturn"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def strict_coturn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coturn]:
-    """coturn's default peer policy: loopback peers are refused."""
-    server = Coturn(tmp_path_factory.mktemp("coturn-strict"), permissive=False)
-    yield server
-    server.stop()
+coturn = coturn_fixture("coturn")
+strict_coturn = coturn_fixture("strict_coturn", permissive=False)
+"""coturn's default peer policy: loopback peers are refused."""
 
 
 @pytest.fixture
@@ -409,15 +390,4 @@ def test_probe_bad_uri_is_a_usage_error() -> None:
 
 
 async def probe_async(*args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tsunagu",
-        "turn-probe",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
+    return await run_tsunagu("turn-probe", *args, limit=60)

@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
-import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, ParamSpec
+from typing import Any
 
 import pytest
 
@@ -31,41 +28,24 @@ from tsunagu.errors import TurnError
 from tsunagu.turn import client_events as ev
 from tsunagu.turn.client import ClientState, TurnClientConfig
 
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:  # tests/interop/coturn.py starts coturn
-    sys.path.insert(0, _HERE)
+_HERE = Path(__file__).resolve().parent
+for folder in (_HERE, _HERE.parent):  # coturn.py here, aiotest.py and loopback_servers.py in tests/
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+from coturn import PASSWORD, USER, Coturn, coturn_fixture  # noqa: E402
 
-from coturn import PASSWORD, USER, Coturn  # noqa: E402
+from aiotest import asynctest_within, run_tsunagu  # noqa: E402
+from loopback_servers import closed_port, roundtrip, tcp_echo_peer  # noqa: E402
 
 pytestmark = pytest.mark.interop
 
 WAIT = 5.0  # upper bound for any single exchange with a local coturn
 TCP = TurnClientConfig(requested_transport="tcp")
-P = ParamSpec("P")
-Address = tuple[str, int]
+asynctest = asynctest_within(30)
 
-
-def asynctest(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]:
-    @functools.wraps(test)
-    def run(*args: P.args, **kwargs: P.kwargs) -> None:
-        asyncio.run(asyncio.wait_for(test(*args, **kwargs), 30))
-
-    return run
-
-
-@pytest.fixture(scope="module")
-def coturn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coturn]:
-    server = Coturn(tmp_path_factory.mktemp("coturn-tcp"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def strict_coturn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coturn]:
-    """coturn's default peer policy: loopback peers are refused."""
-    server = Coturn(tmp_path_factory.mktemp("coturn-tcp-strict"), permissive=False)
-    yield server
-    server.stop()
+coturn = coturn_fixture("coturn")
+strict_coturn = coturn_fixture("strict_coturn", permissive=False)
+"""coturn's default peer policy: loopback peers are refused."""
 
 
 def tcp_relay(coturn: Coturn, transport: str = "tcp", **kwargs: Any) -> TurnClient:
@@ -79,55 +59,19 @@ def tcp_relay(coturn: Coturn, transport: str = "tcp", **kwargs: Any) -> TurnClie
     )
 
 
-@contextlib.asynccontextmanager
-async def echo_peer() -> AsyncIterator[tuple[Address, asyncio.Queue[bytes]]]:
-    """A TCP peer on loopback echoing every byte; the queue gets each connection's first
-    bytes, to prove which connection the relay made."""
-    first: asyncio.Queue[bytes] = asyncio.Queue()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        announced = False
-        try:
-            while data := await reader.read(65536):
-                if not announced:
-                    first.put_nowait(data)
-                    announced = True
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        sockname = server.sockets[0].getsockname()
-        yield (sockname[0], sockname[1]), first
-    finally:
-        server.close()
-
-
-async def roundtrip(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes
-) -> None:
-    writer.write(data)
-    await writer.drain()
-    assert await asyncio.wait_for(reader.readexactly(len(data)), WAIT) == data
-
-
 @pytest.mark.parametrize("transport", ["tcp", "tls"])
 @asynctest
 async def test_outgoing_connection_through_coturn(coturn: Coturn, transport: str) -> None:
     seen: list[ev.TurnClientEvent] = []
     async with (
-        echo_peer() as (peer, first),
+        tcp_echo_peer() as peer,
         tcp_relay(coturn, transport, on_event=seen.append) as turn,
     ):
         relayed = turn.relayed_address
         assert relayed[0] == "127.0.0.1"
-        reader, writer = await turn.connect_peer(peer)
+        reader, writer = await turn.connect_peer(peer.address)
         await roundtrip(reader, writer, b"hello through coturn")
-        assert await asyncio.wait_for(first.get(), WAIT) == b"hello through coturn"
+        assert await asyncio.wait_for(peer.first.get(), WAIT) == b"hello through coturn"
         await roundtrip(reader, writer, bytes(range(256)) * 16)  # no framing either way
         await roundtrip(reader, writer, b"y" * 500_000)
         writer.close()
@@ -184,16 +128,14 @@ async def test_unpermitted_peer_is_turned_away(coturn: Coturn) -> None:
 
 @asynctest
 async def test_coturn_connect_errors(coturn: Coturn) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed = ("127.0.0.1", int(probe.getsockname()[1]))  # nothing listens there
-    async with echo_peer() as (peer, _), tcp_relay(coturn) as turn:
+    closed = ("127.0.0.1", closed_port())  # nothing listens there
+    async with tcp_echo_peer() as peer, tcp_relay(coturn) as turn:
         with pytest.raises(TurnError) as failed:
             await turn.connect_peer(closed)
         assert failed.value.code == 447  # Connection Timeout or Failure
-        reader, writer = await turn.connect_peer(peer)
+        reader, writer = await turn.connect_peer(peer.address)
         with pytest.raises(TurnError) as exists:
-            await turn.connect_peer(peer)
+            await turn.connect_peer(peer.address)
         assert exists.value.code == 446  # Connection Already Exists
         await roundtrip(reader, writer, b"still fine")
         writer.close()
@@ -201,9 +143,9 @@ async def test_coturn_connect_errors(coturn: Coturn) -> None:
 
 @asynctest
 async def test_coturn_refuses_loopback_peers_with_403(strict_coturn: Coturn) -> None:
-    async with echo_peer() as (peer, _), tcp_relay(strict_coturn) as turn:
+    async with tcp_echo_peer() as peer, tcp_relay(strict_coturn) as turn:
         with pytest.raises(TurnError) as refused:
-            await turn.connect_peer(peer)
+            await turn.connect_peer(peer.address)
         assert refused.value.code == 403
 
 
@@ -211,18 +153,7 @@ async def test_coturn_refuses_loopback_peers_with_403(strict_coturn: Coturn) -> 
 
 
 async def probe(*args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tsunagu",
-        "turn-probe",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 20)
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
+    return await run_tsunagu("turn-probe", *args, limit=20)
 
 
 @pytest.mark.parametrize("transport", ["tcp", "tls"])
@@ -241,9 +172,7 @@ async def test_probe_tcp_relay(coturn: Coturn, transport: str) -> None:
 
 @asynctest
 async def test_probe_tcp_unreachable_peer_is_447(coturn: Coturn) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as closed:
-        closed.bind(("127.0.0.1", 0))
-        port = closed.getsockname()[1]
+    port = closed_port()
     code, stdout, stderr = await probe(
         coturn.uri("tcp"), "-u", USER, "-p", PASSWORD, "--tcp", "--peer", f"127.0.0.1:{port}",
     )  # fmt: skip

@@ -11,30 +11,27 @@ import asyncio
 import json
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tsunagu.aio.ice import IceClosedError, IceConnection, IceFailedError, TurnServer
 from tsunagu.aio.stun_server import StunServer
-from tsunagu.aio.turn_server import TurnServer as AioTurnServer
 from tsunagu.ice.candidate import Candidate, CandidateType
 from tsunagu.ice.config import IceConfig
 from tsunagu.ice.errors import IceNotConnectedError
 from tsunagu.ice.events import IceTransportState
 from tsunagu.stun.server_config import StunServerConfig
 from tsunagu.stun.transaction import TransactionConfig
-from tsunagu.turn.config import TurnServerConfig
+
+_TESTS = str(Path(__file__).resolve().parent.parent)
+if _TESTS not in sys.path:  # tests/aiotest.py and tests/loopback_servers.py
+    sys.path.insert(0, _TESTS)
+from aiotest import bounded, start_tsunagu  # noqa: E402
+from loopback_servers import PASSWORD, USER, start_turn_server  # noqa: E402
 
 LIMIT = 10.0
-
-
-def bounded(test: Callable[[], Awaitable[None]]) -> None:
-    async def main() -> None:
-        await asyncio.wait_for(test(), LIMIT)
-
-    asyncio.run(main())
 
 
 async def signal(a: IceConnection, b: IceConnection) -> None:
@@ -78,7 +75,7 @@ def test_two_connections_connect_and_exchange_data(first_controlling: bool) -> N
         with pytest.raises(IceClosedError):
             await a.recv()
 
-    bounded(test)
+    bounded(test, LIMIT)
 
 
 def test_trickled_candidates_after_credentials_connect() -> None:
@@ -96,7 +93,7 @@ def test_trickled_candidates_after_credentials_connect() -> None:
             await a.send(b"trickled")
             assert await b.recv() == b"trickled"
 
-    bounded(test)
+    bounded(test, LIMIT)
 
 
 async def _pump(
@@ -116,29 +113,11 @@ async def _pump(
                 pass
 
 
-async def start_turn_server() -> AioTurnServer:
-    return await AioTurnServer.start(
-        TurnServerConfig(
-            listen=(("127.0.0.1", 0),),
-            relay_ips=("127.0.0.1",),
-            users=("alice:wonderland",),
-            realm="tsunagu.test",
-            allow_peers=("127.0.0.0/8",),
-            # Keep relay ports clear of the ephemeral ports of the host candidates.
-            min_port=61000,
-            max_port=65535,
-        )
-    )
-
-
 async def run_ice_peers(extra: tuple[list[str], list[str]]) -> list[list[dict[str, Any]]]:
     """Start a controlling and a controlled ``tsunagu ice-peer --send 5``, wire each one's
     stdout to the other's stdin, and return the JSON lines each printed."""
     procs = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "tsunagu",
+        await start_tsunagu(
             "ice-peer",
             "--role",
             role,
@@ -148,8 +127,6 @@ async def run_ice_peers(extra: tuple[list[str], list[str]]) -> list[list[dict[st
             "8",
             *args,
             stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
         )
         for role, args in zip(("controlling", "controlled"), extra, strict=True)
     ]
@@ -187,7 +164,7 @@ def test_two_ice_peer_processes_ping_each_other() -> None:
         host = ["--host-address", "127.0.0.1"]
         await run_ice_peers((host, host))
 
-    bounded(test)
+    bounded(test, LIMIT)
 
 
 def test_ice_peer_relay_only_through_turn() -> None:
@@ -195,14 +172,14 @@ def test_ice_peer_relay_only_through_turn() -> None:
         server = await start_turn_server()
         try:
             port = server.udp_addresses[0][1]
-            turn = [f"--turn=turn:127.0.0.1:{port}", "--username=alice", "--password=wonderland"]
+            turn = [f"--turn=turn:127.0.0.1:{port}", f"--username={USER}", f"--password={PASSWORD}"]
             outputs = await run_ice_peers(([*turn, "--relay-only"], []))
         finally:
             await server.close()
         selected = next(line["selected"] for line in outputs[0] if "selected" in line)
         assert Candidate.from_sdp(selected["local"]).type is CandidateType.RELAYED
 
-    bounded(test)
+    bounded(test, LIMIT)
 
 
 def test_connect_raises_when_every_check_fails() -> None:
@@ -231,23 +208,13 @@ def test_connect_raises_when_every_check_fails() -> None:
                 with pytest.raises(IceNotConnectedError):
                     await conn.send(b"nowhere")
 
-    bounded(test)
+    bounded(test, LIMIT)
 
 
 def test_ice_peer_exits_non_zero_at_timeout() -> None:
     async def test() -> None:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "tsunagu",
-            "ice-peer",
-            "--role",
-            "controlling",
-            "--timeout",
-            "1",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        proc = await start_tsunagu(
+            "ice-peer", "--role", "controlling", "--timeout", "1", stdin=asyncio.subprocess.PIPE
         )
         try:
             stdout, stderr = await proc.communicate()  # stdin closed at once: no peer
@@ -260,7 +227,7 @@ def test_ice_peer_exits_non_zero_at_timeout() -> None:
         lines = [json.loads(line) for line in stdout.splitlines()]
         assert lines[-1] == {"end-of-candidates": True}
 
-    bounded(test)
+    bounded(test, LIMIT)
 
 
 def test_gathering_asks_the_stun_server() -> None:
@@ -285,7 +252,7 @@ def test_gathering_asks_the_stun_server() -> None:
             assert [c.type for c in conn.local_candidates] == [CandidateType.HOST]
             assert conn.agent.gathering_complete
 
-    bounded(test)
+    bounded(test, LIMIT)
 
 
 @pytest.mark.parametrize("relay_controlling", [True, False])
@@ -296,7 +263,7 @@ def test_relay_only_connection_through_tsunagu_turn_server(relay_controlling: bo
     async def test() -> None:
         server = await start_turn_server()
         port = server.udp_addresses[0][1]
-        relay = TurnServer(f"turn:127.0.0.1:{port}", "alice", "wonderland")
+        relay = TurnServer(f"turn:127.0.0.1:{port}", USER, PASSWORD)
         try:
             async with (
                 IceConnection(
@@ -321,4 +288,4 @@ def test_relay_only_connection_through_tsunagu_turn_server(relay_controlling: bo
         finally:
             await server.close()
 
-    bounded(test)
+    bounded(test, LIMIT)

@@ -13,11 +13,10 @@ import asyncio
 import json
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import cast
 
 from tsunagu.aio.ice import IceConnection, TurnServer
-from tsunagu.aio.turn_server import TurnServer as AioTurnServer
 from tsunagu.ice.candidate import Address, Candidate, CandidateType
 from tsunagu.ice.checks import check_request
 from tsunagu.ice.events import (
@@ -34,19 +33,17 @@ from tsunagu.stun.attributes import XorMappedAddress
 from tsunagu.stun.constants import MessageClass
 from tsunagu.stun.credentials import short_term_key
 from tsunagu.stun.message import Message, new_transaction_id, success_response
-from tsunagu.turn.config import TurnServerConfig
+
+_TESTS = str(Path(__file__).resolve().parent.parent)
+if _TESTS not in sys.path:  # tests/aiotest.py and tests/loopback_servers.py
+    sys.path.insert(0, _TESTS)
+from aiotest import bounded, start_tsunagu  # noqa: E402
+from loopback_servers import PASSWORD, USER, start_turn_server  # noqa: E402
 
 LIMIT = 10.0
 MAPPED = ("203.0.113.7", 40000)
 """What the held STUN server says our address is (a documentation address: it only ever
 appears in a candidate, no datagram goes there)."""
-
-
-def bounded(test: Callable[[], Awaitable[None]]) -> None:
-    async def main() -> None:
-        await asyncio.wait_for(test(), LIMIT)
-
-    asyncio.run(main())
 
 
 def loopback(
@@ -119,20 +116,6 @@ class HeldStunServer(asyncio.DatagramProtocol):
             self.transport.close()
 
 
-async def start_turn_server() -> AioTurnServer:
-    return await AioTurnServer.start(
-        TurnServerConfig(
-            listen=(("127.0.0.1", 0),),
-            relay_ips=("127.0.0.1",),
-            users=("alice:wonderland",),
-            realm="tsunagu.test",
-            allow_peers=("127.0.0.0/8",),
-            min_port=61000,  # clear of the ephemeral ports of the host candidates
-            max_port=65535,
-        )
-    )
-
-
 # -- trickle ---------------------------------------------------------------------------------
 
 
@@ -203,7 +186,7 @@ def test_candidates_trickle_and_connect_before_gathering_completes() -> None:
         finally:
             server.close()
 
-    bounded(test)
+    bounded(test, LIMIT)
 
 
 def test_relayed_candidate_is_trickled_after_host_candidate() -> None:
@@ -213,7 +196,7 @@ def test_relayed_candidate_is_trickled_after_host_candidate() -> None:
 
     async def test() -> None:
         turn = await start_turn_server()
-        relay = TurnServer(f"turn:127.0.0.1:{turn.udp_addresses[0][1]}", "alice", "wonderland")
+        relay = TurnServer(f"turn:127.0.0.1:{turn.udp_addresses[0][1]}", USER, PASSWORD)
         try:
             async with loopback(True, turn_servers=[relay]) as a, loopback(False) as b:
                 exchange_credentials(a, b)  # before gathering: trickle from the start
@@ -234,7 +217,7 @@ def test_relayed_candidate_is_trickled_after_host_candidate() -> None:
         finally:
             await turn.close()
 
-    bounded(test)
+    bounded(test, LIMIT)
 
 
 def test_remote_candidates_added_during_checks_and_peer_reflexive_after_end() -> None:
@@ -288,7 +271,7 @@ def test_remote_candidates_added_during_checks_and_peer_reflexive_after_end() ->
                 await d.send(b"peer-reflexive")
                 assert await c.recv() == b"peer-reflexive"
 
-    bounded(test)
+    bounded(test, LIMIT)
 
 
 def test_ice_peer_prints_candidates_as_they_are_gathered() -> None:
@@ -298,10 +281,7 @@ def test_ice_peer_prints_candidates_as_they_are_gathered() -> None:
 
     async def test() -> None:
         server, (host, port) = await HeldStunServer.start()
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "tsunagu",
+        proc = await start_tsunagu(
             "ice-peer",
             "--role",
             "controlling",
@@ -309,8 +289,6 @@ def test_ice_peer_prints_candidates_as_they_are_gathered() -> None:
             "8",
             f"--stun=stun:{host}:{port}",
             stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
         )
         try:
             assert proc.stdout is not None
@@ -337,7 +315,7 @@ def test_ice_peer_prints_candidates_as_they_are_gathered() -> None:
                 proc.kill()
             await proc.wait()
 
-    bounded(test)
+    bounded(test, LIMIT)
 
 
 # -- restart ---------------------------------------------------------------------------------
@@ -475,7 +453,7 @@ def test_restart_keeps_data_on_the_old_pair_until_the_new_one_is_selected() -> N
             accepted = await loop.run_in_executor(None, check_response, a, b_address, new)
             assert accepted.message_class is MessageClass.SUCCESS
 
-    bounded(test)
+    bounded(test, LIMIT)
 
 
 # -- components ------------------------------------------------------------------------------
@@ -498,7 +476,7 @@ def test_two_components_connect_and_carry_data_each() -> None:
                 await b.sendto(f"b{component}".encode(), component)
                 assert await a.recvfrom() == (f"b{component}".encode(), component)
 
-    bounded(test)
+    bounded(test, LIMIT)
 
 
 # -- events ----------------------------------------------------------------------------------
@@ -534,4 +512,4 @@ def test_state_and_selected_pair_events_and_callbacks() -> None:
         ]
         assert [c async for c in a.events()] == []  # closed: nothing more will come
 
-    bounded(test)
+    bounded(test, LIMIT)

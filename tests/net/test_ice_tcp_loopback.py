@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,15 +19,13 @@ from tsunagu.ice.candidate import Candidate, CandidateType, TcpType, TransportPr
 from tsunagu.ice.config import IceConfig
 from tsunagu.ice.events import IceTransportState
 
+_TESTS = str(Path(__file__).resolve().parent.parent)
+if _TESTS not in sys.path:  # tests/aiotest.py
+    sys.path.insert(0, _TESTS)
+from aiotest import bounded  # noqa: E402
+
 LIMIT = 10.0
 TCP = TransportProtocol.TCP
-
-
-def bounded(test: Callable[[], Awaitable[None]]) -> None:
-    async def main() -> None:
-        await asyncio.wait_for(test(), LIMIT)
-
-    asyncio.run(main())
 
 
 def loopback(controlling: bool, *, tcp: bool = True) -> IceConnection:
@@ -85,7 +84,7 @@ def test_tcp_pair_is_selected_and_carries_data_both_ways(first_controlling: bool
             assert a.state in (IceTransportState.CONNECTED, IceTransportState.COMPLETED)
             assert a.selected_pair is not None and a.selected_pair.bytes_received > 0
 
-    bounded(test)
+    bounded(test, LIMIT)
 
 
 def test_refused_connection_fails_ice() -> None:
@@ -115,7 +114,7 @@ def test_refused_connection_fails_ice() -> None:
                 await a.connect()
             assert [p.local.tcptype for p in a.agent.pairs()] == [TcpType.ACTIVE]
 
-    bounded(test)
+    bounded(test, LIMIT)
 
 
 def test_tcp_is_opt_in() -> None:
@@ -124,4 +123,4 @@ def test_tcp_is_opt_in() -> None:
             await a.gather()
             assert [c.transport for c in a.local_candidates] == [TransportProtocol.UDP]
 
-    bounded(test)
+    bounded(test, LIMIT)

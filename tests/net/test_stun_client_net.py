@@ -11,17 +11,15 @@ bounded; nothing sleeps in place of waiting for an event. Name resolution only u
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import socket
 import ssl
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, ParamSpec
+from typing import Any
 
 import pytest
 
@@ -43,19 +41,15 @@ from tsunagu.stun.attributes import Address
 from tsunagu.stun.server_config import StunServerConfig
 from tsunagu.stun.uri import StunUriError
 
-P = ParamSpec("P")
+_TESTS = str(Path(__file__).resolve().parent.parent)
+if _TESTS not in sys.path:  # tests/aiotest.py and tests/loopback_servers.py
+    sys.path.insert(0, _TESTS)
+from aiotest import asynctest_within, run_tsunagu  # noqa: E402
+from loopback_servers import make_certificate  # noqa: E402
+
 LIMIT = 30.0  # seconds any one test may take
 COMMAND_LIMIT = 20.0  # seconds a command may run
-
-
-def asynctest(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]:
-    """Run an async test on a fresh standard asyncio loop, bounded in time."""
-
-    @functools.wraps(test)
-    def run(*args: P.args, **kwargs: P.kwargs) -> None:
-        asyncio.run(asyncio.wait_for(test(*args, **kwargs), LIMIT))
-
-    return run
+asynctest = asynctest_within(LIMIT)
 
 
 def on_both_loops(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[str], None]:
@@ -159,22 +153,6 @@ async def test_binding_over_ipv6() -> None:
         result = await binding_request(uri(primary(server)))
     assert result.mapped == result.local
     assert result.mapped[0] == "::1"
-
-
-def make_certificate(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1, made with ``openssl req``."""
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-            "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
-            "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )  # fmt: skip
-    return cert, key
 
 
 def test_binding_over_tls(tmp_path: Path) -> None:
@@ -311,22 +289,7 @@ async def test_discovery_against_silence_is_udp_blocked() -> None:
 
 async def tsunagu(*args: str) -> tuple[int, str, str]:
     """``python -m tsunagu ARGS`` as a subprocess: (exit status, stdout, stderr)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tsunagu",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), COMMAND_LIMIT)
-    except BaseException:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    return await run_tsunagu(*args, limit=COMMAND_LIMIT)
 
 
 @asynctest

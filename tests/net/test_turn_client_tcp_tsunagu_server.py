@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
-import socket
 import ssl
-import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import Any, ParamSpec
+from typing import Any
 
 import pytest
 
@@ -27,98 +23,24 @@ from tsunagu.aio.turn_server import TurnServer
 from tsunagu.errors import LocalProtocolError, TurnError
 from tsunagu.turn import client_events as ev
 from tsunagu.turn.client import ClientState, TurnClientConfig
-from tsunagu.turn.config import TurnServerConfig
 
-USER, PASSWORD = "alice", "wonderland"
+_TESTS = str(Path(__file__).resolve().parent.parent)
+if _TESTS not in sys.path:  # tests/aiotest.py and tests/loopback_servers.py
+    sys.path.insert(0, _TESTS)
+from aiotest import asynctest_within, run_tsunagu  # noqa: E402
+from loopback_servers import (  # noqa: E402
+    PASSWORD,
+    USER,
+    closed_port,
+    make_certificate,
+    roundtrip,
+    tcp_echo_peer,
+    turn_server,
+)
+
 WAIT = 5.0
 TCP = TurnClientConfig(requested_transport="tcp")
-P = ParamSpec("P")
-Address = tuple[str, int]
-
-
-def asynctest(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]:
-    @functools.wraps(test)
-    def run(*args: P.args, **kwargs: P.kwargs) -> None:
-        asyncio.run(asyncio.wait_for(test(*args, **kwargs), 30))
-
-    return run
-
-
-def make_certificate(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1, made with ``openssl req``."""
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-            "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
-            "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )  # fmt: skip
-    return cert, key
-
-
-@contextlib.asynccontextmanager
-async def turn_server(**overrides: Any) -> AsyncIterator[TurnServer]:
-    settings: dict[str, Any] = {
-        "listen": (("127.0.0.1", 0),),
-        "relay_ips": ("127.0.0.1",),
-        "users": (f"{USER}:{PASSWORD}",),
-        "realm": "tsunagu.test",
-        "allow_peers": ("127.0.0.0/8",),
-        # Keep the relay port range clear of the ephemeral ports peers are given (Linux:
-        # 32768-60999): the server refuses peers inside its own range (loop protection).
-        "min_port": 61000,
-        "max_port": 65535,
-    }
-    settings.update(overrides)
-    server = await TurnServer.start(TurnServerConfig(**settings))
-    try:
-        yield server
-    finally:
-        await server.close()
-
-
-class EchoPeer:
-    """A TCP peer that echoes every byte back and records when each connection ended."""
-
-    def __init__(self) -> None:
-        self.ended: asyncio.Queue[Address] = asyncio.Queue()
-        self.server: asyncio.Server | None = None
-        self.address: Address = ("", 0)
-
-    async def start(self, host: str = "127.0.0.1") -> EchoPeer:
-        self.server = await asyncio.start_server(self._serve, host, 0)
-        sockname = self.server.sockets[0].getsockname()
-        self.address = (sockname[0], sockname[1])
-        return self
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        remote = writer.get_extra_info("peername")
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-            self.ended.put_nowait((remote[0], remote[1]))
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-
-
-@contextlib.asynccontextmanager
-async def echo_peer() -> AsyncIterator[EchoPeer]:
-    peer = await EchoPeer().start()
-    try:
-        yield peer
-    finally:
-        peer.close()
+asynctest = asynctest_within(30)
 
 
 def tcp_relay(server: TurnServer, **kwargs: Any) -> TurnClient:
@@ -131,19 +53,14 @@ def target(server: TurnServer, transport: str = "tcp") -> TurnTarget:
     return TurnTarget("127.0.0.1", addresses[0][1], transport)  # type: ignore[arg-type]
 
 
-async def roundtrip(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes
-) -> None:
-    writer.write(data)
-    await writer.drain()
-    assert await asyncio.wait_for(reader.readexactly(len(data)), WAIT) == data
-
-
-def closed_port() -> int:
-    """A loopback TCP port nothing listens on: connecting there is refused at once."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def tls_listener(transport: str, directory: Path) -> tuple[dict[str, Any], ssl.SSLContext | None]:
+    """For ``tls``: the server settings of a TLS listener with a certificate made in
+    ``directory``, and a client context that trusts it; for ``tcp``, none of that."""
+    if transport != "tls":
+        return {}, None
+    cert, key = make_certificate(directory)
+    tls = {"tls_listen": (("127.0.0.1", 0),), "cert": str(cert), "key": str(key)}
+    return tls, ssl.create_default_context(cafile=str(cert))
 
 
 # --- outgoing: Connect (RFC 6062 §4.3) -------------------------------------------------
@@ -152,13 +69,8 @@ def closed_port() -> int:
 @pytest.mark.parametrize("transport", ["tcp", "tls"])
 @asynctest
 async def test_connect_peer_relays_bytes_both_ways(transport: str, tmp_path: Path) -> None:
-    tls: dict[str, Any] = {}
-    context = None
-    if transport == "tls":
-        cert, key = make_certificate(tmp_path)
-        tls = {"tls_listen": (("127.0.0.1", 0),), "cert": str(cert), "key": str(key)}
-        context = ssl.create_default_context(cafile=str(cert))
-    async with turn_server(**tls) as server, echo_peer() as peer:
+    tls, context = tls_listener(transport, tmp_path)
+    async with turn_server(**tls) as server, tcp_echo_peer() as peer:
         turn = TurnClient(
             target(server, transport), USER, PASSWORD, config=TCP, ssl_context=context
         )
@@ -180,7 +92,7 @@ async def test_connect_peer_relays_bytes_both_ways(transport: str, tmp_path: Pat
 
 @asynctest
 async def test_connect_errors_are_typed() -> None:
-    async with turn_server() as server, echo_peer() as peer, tcp_relay(server) as turn:
+    async with turn_server() as server, tcp_echo_peer() as peer, tcp_relay(server) as turn:
         # 447: the server could not reach the peer (RFC 6062 §5.2).
         with pytest.raises(TurnError) as failed:
             await turn.connect_peer(("127.0.0.1", closed_port()))
@@ -196,7 +108,7 @@ async def test_connect_errors_are_typed() -> None:
             await turn.send_to(b"x", peer.address)
     async with (
         turn_server(allow_peers=()) as strict,
-        echo_peer() as peer,
+        tcp_echo_peer() as peer,
         tcp_relay(strict) as turn,
     ):
         # 403: loopback peers are refused by the default peer policy.
@@ -262,7 +174,7 @@ async def test_peer_without_permission_is_never_offered() -> None:
 
 @asynctest
 async def test_close_deletes_the_allocation_and_its_connections() -> None:
-    async with turn_server() as server, echo_peer() as peer:
+    async with turn_server() as server, tcp_echo_peer() as peer:
         turn = TurnClient(target(server), USER, PASSWORD, config=TCP)
         await turn.connect()
         reader, writer = await turn.connect_peer(peer.address)
@@ -291,7 +203,7 @@ async def test_refresh_keeps_the_tcp_allocation_and_its_connections() -> None:
     )  # the allocation is refreshed about 1.2 s in; 1 s nonces make that meet a 438 first
     async with (
         turn_server(nonce_lifetime=1.0) as server,
-        echo_peer() as peer,
+        tcp_echo_peer() as peer,
         tcp_relay(server, config=config, on_event=on_event) as turn,
     ):
         reader, writer = await turn.connect_peer(peer.address)
@@ -300,7 +212,7 @@ async def test_refresh_keeps_the_tcp_allocation_and_its_connections() -> None:
         await roundtrip(reader, writer, b"after refresh")
         # A second peer connection after the nonce went stale: Connect and
         # ConnectionBind retry with a fresh nonce.
-        async with echo_peer() as other:
+        async with tcp_echo_peer() as other:
             reader2, writer2 = await turn.connect_peer(other.address)
             await roundtrip(reader2, writer2, b"second connection")
             writer2.close()
@@ -317,15 +229,10 @@ def test_connect_and_accept_on_uvloop(transport: str, tmp_path: Path) -> None:
 
     async def scenario() -> None:
         assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
-        tls: dict[str, Any] = {}
-        context = None
-        if transport == "tls":
-            cert, key = make_certificate(tmp_path)
-            tls = {"tls_listen": (("127.0.0.1", 0),), "cert": str(cert), "key": str(key)}
-            context = ssl.create_default_context(cafile=str(cert))
+        tls, context = tls_listener(transport, tmp_path)
         async with (
             turn_server(**tls) as server,
-            echo_peer() as peer,
+            tcp_echo_peer() as peer,
             TurnClient(
                 target(server, transport), USER, PASSWORD, config=TCP, ssl_context=context
             ) as turn,
@@ -349,10 +256,7 @@ def test_connect_and_accept_on_uvloop(transport: str, tmp_path: Path) -> None:
 async def test_turn_probe_tcp_through_our_server() -> None:
     async with turn_server() as server:
         port = server.tcp_addresses[0][1]
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "tsunagu",
+        code, stdout, stderr = await run_tsunagu(
             "turn-probe",
             f"turn:127.0.0.1:{port}?transport=tcp",
             "-u",
@@ -363,11 +267,9 @@ async def test_turn_probe_tcp_through_our_server() -> None:
             "--json",
             "--count",
             "3",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+            limit=20,
         )
-        stdout, stderr = await asyncio.wait_for(process.communicate(), 20)
-    assert process.returncode == 0, stderr.decode()
+    assert code == 0, stderr
     report = json.loads(stdout)
     assert report["relay"] == "tcp" and report["transport"] == "tcp"
     assert report["relayed"].startswith("127.0.0.1:")

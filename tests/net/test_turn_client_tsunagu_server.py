@@ -8,30 +8,25 @@ written by others.
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import Callable, Coroutine
-from typing import Any, ParamSpec, cast
+import sys
+from pathlib import Path
+from typing import cast
 
 import pytest
 
 from tsunagu.aio.turn_client import TurnClient, TurnTarget
-from tsunagu.aio.turn_server import TurnServer
 from tsunagu.errors import TurnError
 from tsunagu.turn import client_events as ev
 from tsunagu.turn.client import TurnClientConfig
-from tsunagu.turn.config import TurnServerConfig
 
-USER, PASSWORD = "alice", "wonderland"
+_TESTS = str(Path(__file__).resolve().parent.parent)
+if _TESTS not in sys.path:  # tests/aiotest.py and tests/loopback_servers.py
+    sys.path.insert(0, _TESTS)
+from aiotest import asynctest_within  # noqa: E402
+from loopback_servers import PASSWORD, USER, start_turn_server  # noqa: E402
+
 WAIT = 10.0
-P = ParamSpec("P")
-
-
-def asynctest(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]:
-    @functools.wraps(test)
-    def run(*args: P.args, **kwargs: P.kwargs) -> None:
-        asyncio.run(asyncio.wait_for(test(*args, **kwargs), 60))
-
-    return run
+asynctest = asynctest_within(60)
 
 
 class Echo(asyncio.DatagramProtocol):
@@ -46,23 +41,6 @@ class Echo(asyncio.DatagramProtocol):
         self.transport.sendto(data, addr)
 
 
-async def start_server(**overrides: Any) -> TurnServer:
-    settings: dict[str, Any] = {
-        "listen": (("127.0.0.1", 0),),
-        "relay_ips": ("127.0.0.1",),
-        "users": (f"{USER}:{PASSWORD}",),
-        "realm": "tsunagu.test",
-        "allow_peers": ("127.0.0.0/8",),
-        # The server refuses peers inside its own relay port range (loop protection), so
-        # keep that range clear of the ephemeral ports the echo peer is given (Linux:
-        # 32768-60999).
-        "min_port": 61000,
-        "max_port": 65535,
-    }
-    settings.update(overrides)
-    return await TurnServer.start(TurnServerConfig(**settings))
-
-
 async def echo_peer() -> tuple[asyncio.DatagramTransport, tuple[str, int]]:
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
@@ -73,7 +51,7 @@ async def echo_peer() -> tuple[asyncio.DatagramTransport, tuple[str, int]]:
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 @asynctest
 async def test_allocate_exchange_refresh_close(transport: str) -> None:
-    server = await start_server(nonce_lifetime=1.0)
+    server = await start_turn_server(nonce_lifetime=1.0)
     echo, peer = await echo_peer()
     seen: list[ev.TurnClientEvent] = []
     refreshed = asyncio.Event()
@@ -106,7 +84,7 @@ async def test_allocate_exchange_refresh_close(transport: str) -> None:
 
 @asynctest
 async def test_wrong_password_and_refused_peer() -> None:
-    server = await start_server(allow_peers=())  # default policy: loopback peers refused
+    server = await start_turn_server(allow_peers=())  # default policy: loopback peers refused
     echo, peer = await echo_peer()
     target = TurnTarget("127.0.0.1", server.udp_addresses[0][1], "udp")
     try:
