@@ -1,6 +1,6 @@
 """tsunagu's IceConnection against aioice's Connection (the ICE agent aiortc uses), on
-loopback, in both roles, directly and with tsunagu through a relay (tsunagu's TURN
-server): both connect and data flows both ways.
+loopback, in both roles, directly and through relays (tsunagu's TURN server, and coturn
+with both agents relay-only): both connect and data flows both ways.
 
 aioice gathers host candidates from the interfaces and leaves 127.0.0.1 out; the tests
 configure it to use loopback by replacing ``aioice.ice.get_host_addresses`` (configuration
@@ -27,7 +27,14 @@ if _TESTS not in sys.path:  # tests/aiotest.py and tests/loopback_servers.py
 from aiotest import bounded  # noqa: E402
 from loopback_servers import PASSWORD, USER, start_turn_server  # noqa: E402
 
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:  # tests/interop/coturn.py starts coturn
+    sys.path.insert(0, _HERE)
+import coturn as coturn_process  # noqa: E402
+
 pytestmark = pytest.mark.interop
+
+coturn = coturn_process.coturn_fixture("coturn")
 
 LIMIT = 10.0
 
@@ -70,7 +77,7 @@ async def signal_and_connect(ours: IceConnection, theirs: aioice.Connection) -> 
     """:func:`signal`; then connect both and carry data both ways."""
     await signal(ours, theirs)
     pair, _ = await asyncio.gather(ours.connect(), theirs.connect())
-    assert pair.remote.port == theirs.local_candidates[0].port
+    assert pair.remote.transport_address in {(c.host, c.port) for c in theirs.local_candidates}
     for i in range(3):
         await ours.send(f"to aioice {i}".encode())
         assert await theirs.recv() == f"to aioice {i}".encode()
@@ -149,6 +156,44 @@ def test_tsunagu_and_aioice_with_two_components(tsunagu_controlling: bool) -> No
                     assert await theirs.recvfrom() == (f"to aioice {component}".encode(), component)
                     await theirs.sendto(f"to tsunagu {component}".encode(), component)
                     assert await ours.recvfrom() == (f"to tsunagu {component}".encode(), component)
+        finally:
+            await theirs.close()
+
+    bounded(test, LIMIT)
+
+
+@pytest.mark.parametrize("tsunagu_controlling", [True, False])
+def test_both_relay_only_through_coturn(
+    tsunagu_controlling: bool, coturn: coturn_process.Coturn
+) -> None:
+    """iceTransportPolicy "relay" on both sides, both allocating on coturn (aioice with
+    its own TURN client): the selected pair joins the two relayed addresses and data
+    crosses coturn twice each way."""
+
+    async def test() -> None:
+        theirs = aioice.Connection(
+            ice_controlling=not tsunagu_controlling,
+            components=1,
+            use_ipv4=True,
+            use_ipv6=False,
+            turn_server=("127.0.0.1", coturn.port),
+            turn_username=coturn_process.USER,
+            turn_password=coturn_process.PASSWORD,
+            transport_policy=aioice.TransportPolicy.RELAY,
+        )
+        relay = TurnServer(coturn.uri("udp"), coturn_process.USER, coturn_process.PASSWORD)
+        try:
+            async with IceConnection(
+                tsunagu_controlling, turn_servers=[relay], relay_only=True, allow_loopback=True
+            ) as ours:
+                await asyncio.gather(ours.gather(), theirs.gather_candidates())
+                assert [c.type for c in ours.local_candidates] == [CandidateType.RELAYED]
+                assert [c.type for c in theirs.local_candidates] == ["relay"]
+                await signal_and_connect(ours, theirs)
+                selected = ours.selected_pair
+                assert selected is not None
+                assert selected.local.type is CandidateType.RELAYED
+                assert selected.remote.type is CandidateType.RELAYED
         finally:
             await theirs.close()
 
