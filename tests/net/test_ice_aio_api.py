@@ -29,6 +29,7 @@ from tsunagu.ice.events import (
     SelectedPairChanged,
 )
 from tsunagu.ice.pair import PairInfo
+from tsunagu.ice.servers import IceServer
 from tsunagu.stun.attributes import XorMappedAddress
 from tsunagu.stun.constants import MessageClass
 from tsunagu.stun.credentials import short_term_key
@@ -511,5 +512,42 @@ def test_state_and_selected_pair_events_and_callbacks() -> None:
             SelectedPairChanged(*selections[0])
         ]
         assert [c async for c in a.events()] == []  # closed: nothing more will come
+
+    bounded(test, LIMIT)
+
+
+def test_ice_servers_and_relay_policy_like_rtc_configuration() -> None:
+    """``ice_servers`` (RTCIceServer) and ``transport_policy="relay"``: a STUN URL and a
+    TURN URL with credentials; the relay policy leaves only the relayed candidate, and the
+    connection works through it."""
+
+    async def test() -> None:
+        server = await start_turn_server()
+        port = server.udp_addresses[0][1]
+        servers = [
+            IceServer(f"stun:127.0.0.1:{port}"),
+            IceServer(f"turn:127.0.0.1:{port}?transport=udp", username=USER, credential=PASSWORD),
+        ]
+        try:
+            async with (
+                IceConnection(
+                    True, ice_servers=servers, transport_policy="relay", allow_loopback=True
+                ) as ours,
+                IceConnection(False, host_addresses=["127.0.0.1"], allow_loopback=True) as peer,
+            ):
+                await asyncio.gather(ours.gather(), peer.gather())
+                assert [c.type for c in ours.local_candidates] == [CandidateType.RELAYED]
+                ours.set_remote_credentials(peer.local_username, peer.local_password)
+                peer.set_remote_credentials(ours.local_username, ours.local_password)
+                for me, other in ((ours, peer), (peer, ours)):
+                    for candidate in other.local_candidates:
+                        await me.add_remote_candidate(candidate)
+                    await me.add_remote_candidate(None)
+                pair, _ = await asyncio.gather(ours.connect(), peer.connect())
+                assert pair.local.type is CandidateType.RELAYED
+                await ours.send(b"through the relay")
+                assert await peer.recv() == b"through the relay"
+        finally:
+            await server.close()
 
     bounded(test, LIMIT)

@@ -20,8 +20,9 @@ The public API is close to aioice's ``Connection``::
         await conn.send(b"hello")
         data = await conn.recv()
 
-Candidates gathered: UDP host candidates on ``host_addresses``, server-reflexive ones
-from ``stun_servers`` through the host sockets, and relayed ones from ``turn_servers``
+Candidates gathered: UDP host candidates on every usable interface (or on
+``host_addresses``; :mod:`tsunagu.aio.interfaces` enumerates and orders them), server-reflexive
+ones from ``stun_servers`` through the host sockets, and relayed ones from ``turn_servers``
 through :class:`~tsunagu.aio.turn_client.TurnClient` datagram endpoints (``relay_only``
 keeps only those, as RTCConfiguration's iceTransportPolicy "relay").
 """
@@ -30,16 +31,25 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import socket
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Generic, TypeVar
 
 from tsunagu.aio.ice_mdns import MdnsCandidates
 from tsunagu.aio.ice_tcp import IceTcp
+from tsunagu.aio.interfaces import (
+    HostAddress,
+    PortRangeExhaustedError,
+    bind_host_socket,
+    check_port_range,
+    parse_host_address,
+    rank_host_addresses,
+    select_host_addresses,
+)
 from tsunagu.aio.turn_client import TurnClient, TurnDatagramTransport
 from tsunagu.errors import LocalProtocolError, TsunaguError
 from tsunagu.ice.agent import IceAgent
@@ -62,36 +72,25 @@ from tsunagu.ice.events import (
 )
 from tsunagu.ice.pair import PairInfo
 from tsunagu.ice.policy import address_problem
+from tsunagu.ice.servers import IceServer, IceTransportPolicy, TurnServer, split_ice_servers
 from tsunagu.mdns.responder import MdnsConfig
 
 __all__ = [
+    "HostAddress",
     "IceClosedError",
     "IceConnection",
     "IceFailedError",
     "IceStream",
+    "PortRangeExhaustedError",
     "TurnServer",
     "default_host_addresses",
 ]
 
-# Where the UDP "connect" trick points to learn the address of the default route: connecting
-# a UDP socket sends nothing, it only asks the kernel for a route (RFC 5737 / RFC 3849
-# documentation prefixes, so no real host is ever named).
-_PROBE_TARGETS = ((socket.AF_INET, "192.0.2.1"), (socket.AF_INET6, "2001:db8::1"))
 logger = logging.getLogger(__name__)
 
 _GATHER_LIMIT = 10.0
 """Seconds :meth:`IceConnection.gather` waits at most for server-reflexive answers (the
 core's own gathering transactions give up well before)."""
-
-
-@dataclass(frozen=True, slots=True)
-class TurnServer:
-    """A TURN server to gather a relayed candidate from: ``uri`` as ``turn:host[:port]``
-    (``?transport=tcp``) or ``turns:host[:port]``, and the long-term credentials."""
-
-    uri: str
-    username: str
-    password: str
 
 
 class IceFailedError(TsunaguError):
@@ -172,23 +171,14 @@ class IceStream(Generic[_T]):
 
 
 def default_host_addresses(*, allow_loopback: bool = False, use_ipv6: bool = True) -> list[str]:
-    """The addresses of the default routes (IPv4, and IPv6 when ``use_ipv6``), found with
-    a UDP ``connect`` (which sends nothing), plus loopback when ``allow_loopback``."""
-    found: list[str] = []
-    for family, target in _PROBE_TARGETS:
-        if family == socket.AF_INET6 and not use_ipv6:
-            continue
-        try:
-            with socket.socket(family, socket.SOCK_DGRAM) as probe:
-                probe.connect((target, 9))
-                ip = normalize_ip(probe.getsockname()[0])
-        except OSError:
-            continue
-        if ip not in found and not ip.startswith(("127.", "::1")):
-            found.append(ip)
-    if allow_loopback:
-        found.append("127.0.0.1")
-    return found
+    """The IPs :class:`IceConnection` gathers host candidates on by default, most
+    preferred first: every usable interface's
+    (:func:`~tsunagu.aio.interfaces.select_host_addresses`: the default routes'
+    interfaces first, no link-local), IPv6 ones only when ``use_ipv6``, loopback ones
+    (last) only when ``allow_loopback``."""
+    return [
+        host.ip for host in select_host_addresses(allow_loopback=allow_loopback, use_ipv6=use_ipv6)
+    ]
 
 
 class _HostProtocol(asyncio.DatagramProtocol):
@@ -200,9 +190,10 @@ class _HostProtocol(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         if self.base is not None:
-            self._connection._on_datagram(
-                data, self.base, (normalize_ip(str(addr[0])), int(addr[1]))
-            )
+            # A link-local sender is on this socket's interface: its zone, should a loop
+            # spell one, says nothing more (candidates carry plain addresses).
+            ip = str(addr[0]).partition("%")[0]
+            self._connection._on_datagram(data, self.base, (normalize_ip(ip), int(addr[1])))
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors (port unreachable, ...): the checks' retransmissions and timeouts
@@ -218,12 +209,27 @@ class IceConnection:
     :meth:`connect` returns once every one has a selected pair; :meth:`send` and
     :meth:`recvfrom` name the component (as aioice's ``sendto``/``recvfrom``).
 
-    ``host_addresses``: the IPs to bind host sockets on (default:
-    :func:`default_host_addresses`). ``allow_loopback`` also lets remote loopback
-    candidates through the agent's address policy (and adds 127.0.0.1 to the default
-    host addresses). ``stun_servers``: ``(host, port)`` of STUN servers for
-    server-reflexive candidates; ``turn_servers`` for relayed ones (``relay_only``: no
-    host or server-reflexive candidates at all). ``config`` tunes the core (:class:`IceConfig`).
+    Host candidates (RFC 8445 §5.1.1.1): by default one UDP socket per component on every
+    address of every usable (up and running) interface, IPv4 and IPv6, link-local and
+    loopback ones left out (:mod:`tsunagu.aio.interfaces`). The interfaces of the default
+    routes come first in the local preference, IPv6 and IPv4 interleaved across interfaces
+    (RFC 8421). ``interfaces``: only these interface names; ``address_filter``: only the
+    IPs it returns True for; ``include_link_local``: link-local addresses too (IPv6 ones
+    are bound with their interface as scope, while the candidate carries the plain
+    address; the agent then also accepts remote link-local candidates); ``use_ipv6``:
+    False for IPv4 only; ``allow_loopback`` also lets remote loopback candidates through
+    the agent's address policy, and gathers on loopback addresses too. ``host_addresses``:
+    the IPs to bind host sockets on instead, in preference order (``fe80::1%eth0`` for an
+    IPv6 link-local one); the interface options do not apply to them. ``port_range``:
+    ``(low, high)``, the UDP host sockets are bound on ports in it (inclusive), tried in
+    a random order (:mod:`secrets`); :meth:`gather` raises
+    :class:`~tsunagu.aio.interfaces.PortRangeExhaustedError` when none is free.
+    :attr:`host_addresses` lists what will be bound. ``stun_servers``: ``(host, port)``
+    of STUN servers for server-reflexive candidates; ``turn_servers`` for relayed ones
+    (``relay_only``: no host or server-reflexive candidates at all). ``ice_servers`` and
+    ``transport_policy`` say the same as RTCConfiguration's ``iceServers`` and
+    ``iceTransportPolicy`` (:mod:`tsunagu.ice.servers`). ``config`` tunes the core
+    (:class:`IceConfig`).
 
     mDNS (:mod:`tsunagu.aio.ice_mdns`): ``mdns`` hides the host addresses behind random
     ``.local`` names in :attr:`local_candidates` (announced and answered on each host
@@ -268,8 +274,42 @@ class IceConnection:
         mdns: bool = False,
         resolve_mdns: bool = True,
         components: int | None = None,
+        ice_servers: Sequence[IceServer] = (),
+        transport_policy: IceTransportPolicy | str = IceTransportPolicy.ALL,
+        interfaces: Sequence[str] | None = None,
+        address_filter: Callable[[str], bool] | None = None,
+        include_link_local: bool = False,
+        use_ipv6: bool = True,
+        port_range: tuple[int, int] | None = None,
     ) -> None:
         config = config if config is not None else IceConfig()
+        self._port_range = check_port_range(port_range)
+        if isinstance(interfaces, str):
+            raise TypeError("interfaces is a sequence of interface names, not one name")
+        if host_addresses is not None:
+            hosts = [parse_host_address(text) for text in host_addresses]
+        else:
+            hosts = select_host_addresses(
+                interfaces=None if interfaces is None else set(interfaces),
+                address_filter=address_filter,
+                include_link_local=include_link_local,
+                allow_loopback=allow_loopback,
+                use_ipv6=use_ipv6,
+                prefer_ipv6=config.prefer_ipv6,
+            )
+        self._hosts = list(rank_host_addresses(hosts))
+        """The host addresses with their interface and address ranks, preferred first."""
+        if any(host.link_local for host in hosts) and not config.address_policy.allow_link_local:
+            # Our link-local sockets can reach the remote's link-local candidates only.
+            config = dataclasses.replace(
+                config,
+                address_policy=dataclasses.replace(config.address_policy, allow_link_local=True),
+            )
+        # RTCConfiguration's iceServers and iceTransportPolicy, on top of the lists above.
+        listed_stun, listed_turn = split_ice_servers(ice_servers)
+        stun_servers = [*stun_servers, *(s for s in listed_stun if s not in stun_servers)]
+        turn_servers = [*turn_servers, *(t for t in listed_turn if t not in turn_servers)]
+        relay_only = relay_only or IceTransportPolicy(transport_policy) is IceTransportPolicy.RELAY
         if components is not None and components != config.components:
             config = dataclasses.replace(config, components=components)
         if allow_loopback and not config.address_policy.allow_loopback:
@@ -282,11 +322,7 @@ class IceConnection:
         self._stun_servers = [] if relay_only else list(stun_servers)
         self._turn_servers = list(turn_servers)
         self._relay_only = relay_only
-        self._host_addresses = (
-            list(host_addresses)
-            if host_addresses is not None
-            else default_host_addresses(allow_loopback=allow_loopback)
-        )
+        self._host_addresses = list(dict.fromkeys(host.ip for host in hosts))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transports: dict[Address, asyncio.DatagramTransport] = {}
         self._relays: list[TurnDatagramTransport] = []
@@ -358,6 +394,12 @@ class IceConnection:
     @property
     def remote_candidates(self) -> list[Candidate]:
         return list(self._agent.remote_candidates)
+
+    @property
+    def host_addresses(self) -> list[HostAddress]:
+        """The addresses host candidates are (or will be) gathered on, preferred first:
+        ``host_addresses`` as given, or what the interface options selected."""
+        return [host for host, _, _ in self._hosts]
 
     @property
     def local_username(self) -> str:
@@ -441,21 +483,13 @@ class IceConnection:
             # exists, so none is ever signalled with its address.
             for ip in self._host_addresses:
                 await self._mdns.register(ip)
-        hosts = [] if self._relay_only else self._host_addresses
-        for ip, component in [(ip, c) for c in self._components() for ip in hosts]:
-            transport, protocol = await loop.create_datagram_endpoint(
-                self._new_protocol, local_addr=(ip, 0)
-            )
-            port = int(transport.get_extra_info("sockname")[1])
-            candidate = self._agent.add_host_candidate((ip, port), component)
-            if candidate is None:
-                transport.close()
-                continue
-            protocol.base = candidate.transport_address
-            self._transports[candidate.transport_address] = transport
-            self._service()  # trickled at once
+        hosts = [] if self._relay_only else self._hosts
+        for component in self._components():
+            for address, interface_rank, address_rank in hosts:
+                await self._gather_host(loop, address, component, interface_rank, address_rank)
         if self._tcp is not None and not self._relay_only:
-            await self._tcp.gather(self._host_addresses)
+            # IPv6 link-local addresses need a scope to bind, which the TCP sockets lack.
+            await self._tcp.gather([h.ip for h, _, _ in self._hosts if h.scope_id == 0])
         for host, port in self._stun_servers:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
             families: set[int] = set()
@@ -465,8 +499,11 @@ class IceConnection:
                 families.add(family)
                 server = (normalize_ip(str(sockaddr[0])), int(sockaddr[1]))
                 for base in self._transports:
-                    if (":" in base[0]) == (family == socket.AF_INET6):
-                        self._agent.gather_server_reflexive(base, server, loop.time())
+                    if (":" in base[0]) != (family == socket.AF_INET6):
+                        continue
+                    if ipaddress.ip_address(base[0]).is_link_local:
+                        continue  # a STUN server is never on our link's link-local scope
+                    self._agent.gather_server_reflexive(base, server, loop.time())
             self._service()
         for relay in self._turn_servers:
             for component in self._components():
@@ -474,6 +511,33 @@ class IceConnection:
         self._agent.finish_gathering()
         self._service()
         await asyncio.wait_for(asyncio.shield(self._gathered), _GATHER_LIMIT)
+
+    async def _gather_host(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        host: HostAddress,
+        component: int,
+        interface_rank: int,
+        address_rank: int,
+    ) -> None:
+        """One UDP host socket and its candidate (bound with the scope an IPv6 link-local
+        address needs; in ``port_range`` if given)."""
+        sock = bind_host_socket(host, self._port_range)
+        try:
+            transport, protocol = await loop.create_datagram_endpoint(self._new_protocol, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        port = int(transport.get_extra_info("sockname")[1])
+        candidate = self._agent.add_host_candidate(
+            (host.ip, port), component, interface_rank=interface_rank, address_rank=address_rank
+        )
+        if candidate is None:
+            transport.close()
+            return
+        protocol.base = candidate.transport_address
+        self._transports[candidate.transport_address] = transport
+        self._service()  # trickled at once
 
     async def _gather_relayed(self, relay: TurnServer, component: int = 1) -> None:
         client = TurnClient(relay.uri, relay.username, relay.password)

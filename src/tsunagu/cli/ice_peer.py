@@ -1,9 +1,10 @@
 """``tsunagu ice-peer``: one ICE agent, signalled through stdin/stdout in JSON lines.
 
-Candidates: UDP host candidates on ``--host-address`` (default 127.0.0.1), server-reflexive
-ones from ``--stun`` servers, relayed ones from ``--turn`` servers (``--relay-only``: only
-those). ``--mdns`` signals host candidates under ``.local`` names; remote ``.local``
-candidates are resolved by mDNS either way.
+Candidates: UDP host candidates on ``--host-address`` (default 127.0.0.1), or on every
+address of the ``--interface`` interfaces (link-local ones left out), bound within
+``--port-range`` if given; server-reflexive ones from ``--stun`` servers, relayed ones
+from ``--turn`` servers (``--relay-only``: only those). ``--mdns`` signals host candidates
+under ``.local`` names; remote ``.local`` candidates are resolved by mDNS either way.
 
 Prints ``{"ufrag": ..., "pwd": ...}``, one ``{"candidate": "candidate:..."}`` per local
 candidate (RFC 8839 value), each as soon as it is gathered (trickle ICE, RFC 8838), and
@@ -31,6 +32,7 @@ import threading
 from typing import Any
 
 from tsunagu.aio.ice import IceConnection, IceFailedError, TurnServer
+from tsunagu.aio.interfaces import check_port_range
 from tsunagu.aio.loop import run
 from tsunagu.errors import TsunaguError
 from tsunagu.ice.candidate import Candidate
@@ -43,6 +45,10 @@ LINGER = 1.0
 """Seconds to keep answering after our own exchange is done."""
 RESEND = 0.25
 """Seconds between two rounds of unanswered pings."""
+
+
+class _NoHostAddressError(ValueError):
+    """``--interface`` named no interface with a usable address."""
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -85,7 +91,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="append",
         default=[],
         metavar="IP",
-        help="bind a host candidate on IP (repeatable; default 127.0.0.1)",
+        help="bind a host candidate on IP, fe80::1%%eth0 for an IPv6 link-local one "
+        "(repeatable; default 127.0.0.1 unless --interface is given)",
+    )
+    parser.add_argument(
+        "--interface",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="gather host candidates on every address of interface NAME (repeatable; "
+        "not with --host-address)",
+    )
+    parser.add_argument(
+        "--port-range",
+        type=_port_range,
+        default=None,
+        metavar="MIN-MAX",
+        help="bind the UDP host candidates on ports MIN to MAX (inclusive)",
     )
     parser.add_argument(
         "--mdns",
@@ -94,6 +116,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "remote .local candidates are resolved with or without it",
     )
     parser.set_defaults(func=main)
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    low, sep, high = text.partition("-")
+    if not (sep and low.strip().isdigit() and high.strip().isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not MIN-MAX")
+    port_range = (int(low), int(high))
+    try:
+        check_port_range(port_range)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return port_range
 
 
 def _emit(obj: dict[str, Any]) -> None:
@@ -107,6 +141,9 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.relay_only and not args.turn:
         print("ice-peer: --relay-only needs --turn", file=sys.stderr)
+        return EXIT_USAGE
+    if args.host_address and args.interface:
+        print("ice-peer: --host-address and --interface exclude each other", file=sys.stderr)
         return EXIT_USAGE
     servers: list[tuple[str, int]] = []
     for text in args.stun:
@@ -132,6 +169,9 @@ def main(args: argparse.Namespace) -> int:
         relays.append(TurnServer(text, args.username, args.password))
     try:
         return run(_run(args, servers, relays))
+    except _NoHostAddressError as exc:
+        print(f"ice-peer: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except TimeoutError:
         print(f"ice-peer: timed out after {args.timeout} s", file=sys.stderr)
     except IceFailedError as exc:
@@ -150,10 +190,16 @@ async def _run(
             stun_servers=servers,
             turn_servers=relays,
             relay_only=args.relay_only,
-            host_addresses=args.host_address or ["127.0.0.1"],
+            host_addresses=None if args.interface else args.host_address or ["127.0.0.1"],
+            interfaces=args.interface or None,
+            port_range=args.port_range,
             allow_loopback=True,
             mdns=args.mdns,
         ) as conn:
+            if args.interface and not conn.host_addresses and not args.relay_only:
+                raise _NoHostAddressError(
+                    f"no usable address on interface {', '.join(args.interface)}"
+                )
             _emit({"ufrag": conn.local_username, "pwd": conn.local_password})
             reader = asyncio.create_task(_read_signalling(conn))
             try:
