@@ -2,8 +2,9 @@
 
 What lives here, and why it is shared:
 
-* :func:`build_stunload` compiles ``bench/stunload.c`` into ``bench/build/`` on demand, so a
-  benchmark never runs a stale generator;
+* :func:`build_stunload` and :func:`build_turngen` compile ``bench/stunload.c`` and
+  ``bench/turngen.c`` into ``bench/build/`` on demand, so a benchmark never runs a stale
+  generator;
 * :func:`run_stunload` runs it (optionally pinned with ``taskset -c CORE``) and parses its
   ``--json`` line into a :class:`LoadResult`;
 * :class:`ServerProcess` / :func:`running_server` start a server in its own process group,
@@ -42,6 +43,8 @@ REPO_DIR = BENCH_DIR.parent
 BUILD_DIR = BENCH_DIR / "build"
 STUNLOAD_SRC = BENCH_DIR / "stunload.c"
 STUNLOAD_BIN = BUILD_DIR / "stunload"
+TURNGEN_SRC = BENCH_DIR / "turngen.c"
+TURNGEN_BIN = BUILD_DIR / "turngen"
 CFLAGS = ("-O2", "-Wall", "-Wextra")
 
 MAGIC_COOKIE = 0x2112A442
@@ -59,34 +62,43 @@ class HarnessError(RuntimeError):
 # --- stunload --------------------------------------------------------------------------------
 
 
-def build_stunload(*, force: bool = False) -> Path:
-    """Compile the generator if the binary is missing or older than its source.
+def build_c(source: Path, binary: Path, *, force: bool = False) -> Path:
+    """Compile a one-file C tool if the binary is missing or older than its source.
 
     The compiler writes to a private temporary name that is then renamed into place, so two
     benchmarks building at once never run a half-written binary.
     """
-    up_to_date = (
-        STUNLOAD_BIN.exists() and STUNLOAD_BIN.stat().st_mtime >= STUNLOAD_SRC.stat().st_mtime
-    )
+    up_to_date = binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime
     if up_to_date and not force:
-        return STUNLOAD_BIN
+        return binary
+    name = binary.name
     compiler = shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
-        raise HarnessError("no C compiler (gcc or cc) on PATH; stunload cannot be built")
+        raise HarnessError(f"no C compiler (gcc or cc) on PATH; {name} cannot be built")
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    tmp = BUILD_DIR / f".stunload.{os.getpid()}.tmp"
-    cmd = [compiler, *CFLAGS, "-o", str(tmp), str(STUNLOAD_SRC)]
+    tmp = BUILD_DIR / f".{name}.{os.getpid()}.tmp"
+    cmd = [compiler, *CFLAGS, "-o", str(tmp), str(source)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         if proc.returncode != 0:
-            raise HarnessError(f"building stunload failed:\n{proc.stderr}")
+            raise HarnessError(f"building {name} failed:\n{proc.stderr}")
         if proc.stderr.strip():
             # The source is meant to build warning-free; say so loudly rather than hide it.
-            print(f"warning: stunload built with diagnostics:\n{proc.stderr}", file=sys.stderr)
-        tmp.replace(STUNLOAD_BIN)
+            print(f"warning: {name} built with diagnostics:\n{proc.stderr}", file=sys.stderr)
+        tmp.replace(binary)
     finally:
         tmp.unlink(missing_ok=True)
-    return STUNLOAD_BIN
+    return binary
+
+
+def build_stunload(*, force: bool = False) -> Path:
+    """Compile ``bench/stunload.c`` (the STUN Binding generator) when it changed."""
+    return build_c(STUNLOAD_SRC, STUNLOAD_BIN, force=force)
+
+
+def build_turngen(*, force: bool = False) -> Path:
+    """Compile ``bench/turngen.c`` (the TURN generator, sink and blaster) when it changed."""
+    return build_c(TURNGEN_SRC, TURNGEN_BIN, force=force)
 
 
 @dataclass(frozen=True)
@@ -246,6 +258,19 @@ class ServerProcess:
         """CPU time (user + system) used so far by the server and all its descendants."""
         return sum(_proc_cpu_seconds(pid) for pid in self.pids())
 
+    def rss_bytes(self) -> int:
+        """Resident memory (VmRSS) of the server and its descendants, summed: a worker
+        server's supervisor and workers each count (shared pages in each)."""
+        return sum(proc_rss_bytes(pid) for pid in self.pids())
+
+    def open_files(self) -> int:
+        """File descriptors open in the server and its descendants (sockets included)."""
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                total += len(os.listdir(f"/proc/{pid}/fd"))
+        return total
+
     def log_tail(self, lines: int = 15) -> str:
         """The last lines the server printed, for error messages."""
         try:
@@ -301,6 +326,18 @@ def _proc_cpu_seconds(pid: int) -> float:
     # The command name (field 2) may contain spaces; fields are counted after its ')'.
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def proc_rss_bytes(pid: int) -> int:
+    """VmRSS of one process from /proc/PID/status in bytes, 0 if it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024  # reported in kB
+    return 0
 
 
 def _cleanup_all() -> None:

@@ -133,22 +133,33 @@ _CONNECTION_BIND_REQUEST = b"\x00\x0b"  # STUN message type: ConnectionBind requ
 _SEND_INDICATION = b"\x00\x16"  # STUN message type: Send indication
 
 
+_SOCK_NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0)
+"""Linux: create sockets non-blocking in the socket() call itself."""
+
+
 def _family(ip: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in ip else socket.AF_INET
 
 
 def _udp_socket(address: Address, reuse_port: bool = False) -> socket.socket:
-    sock = socket.socket(_family(address[0]), socket.SOCK_DGRAM)
+    # One of these per allocation (relay sockets): the family is taken from the address
+    # rather than from ``sock.family`` (an enum conversion per read), and the socket is
+    # created non-blocking where the platform allows, saving the calls of setblocking().
+    family = _family(address[0])
+    sock = socket.socket(family, socket.SOCK_DGRAM | _SOCK_NONBLOCK)
     try:
-        if sock.family == socket.AF_INET6:
+        if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            with contextlib.suppress(OSError):
+            try:  # noqa: SIM105 - cheaper than contextlib.suppress, once per allocation
                 sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
+            except OSError:
+                pass  # a smaller buffer than asked for will do
         sock.bind(address)
-        sock.setblocking(False)
+        if not _SOCK_NONBLOCK:
+            sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
@@ -308,7 +319,7 @@ class _UdpEndpoint:
         """RFC 8656 §14: the IPv4 DF bit (or IPv6's "do not fragment locally")."""
         sock = self.sock
         with contextlib.suppress(OSError):
-            if sock.family == socket.AF_INET:
+            if ":" not in self.address[0]:  # IPv4 (not sock.family: an enum per read)
                 value = _IP_PMTUDISC_DO if on else _IP_PMTUDISC_DONT
                 sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, value)
             else:
@@ -335,14 +346,15 @@ class RelaySockets:
             return False
         endpoint = _UdpEndpoint(sock, address)
         if _LINUX:
+            ipv4 = ":" not in address[0]  # not sock.family: an enum conversion per read
             # RFC 8656 §11.5: queue ICMP errors for the socket (read with MSG_ERRQUEUE).
             with contextlib.suppress(OSError):
-                if sock.family == socket.AF_INET:
+                if ipv4:
                     sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
                 else:
                     sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
-        if _LINUX and sock.family == socket.AF_INET:
-            endpoint.set_dont_fragment(False)  # Linux sets DF by default; only when asked
+            if ipv4:
+                endpoint.set_dont_fragment(False)  # Linux sets DF by default; only when asked
         server = self._server
         server._udp[address] = endpoint
         server._loop.add_reader(sock.fileno(), server._relay_readable, endpoint)
@@ -1291,7 +1303,17 @@ def configure_logging(level: str, log_format: str = "text") -> None:
 
 def _log_event(event: TurnEvent, errors: Counter[int], auth_failures: Counter[int]) -> None:
     """Structured log lines (see :class:`LogEvent`): allocation lifecycle at info,
-    authentication failures with their source address, rejected requests."""
+    authentication failures with their source address, rejected requests. A line whose
+    level is off is not built (every Allocate brings two or three of these events)."""
+    if isinstance(event, AuthFailed | RequestRejected):
+        errors[event.code] += 1
+        if isinstance(event, AuthFailed) and event.username is not None:
+            auth_failures[event.code] += 1
+    # The first request of every client is challenged (401 without a user) and nonces
+    # go stale (438): routine. A named user failing is worth a warning.
+    named_401 = isinstance(event, AuthFailed) and event.username is not None and event.code == 401
+    if not log.isEnabledFor(logging.WARNING if named_401 else _EVENT_LEVELS.get(type(event), 0)):
+        return
     if isinstance(event, AllocationCreated):
         log.info(
             LogEvent(
@@ -1322,16 +1344,8 @@ def _log_event(event: TurnEvent, errors: Counter[int], auth_failures: Counter[in
             LogEvent("allocation-expired", client=_tuple(event.five_tuple), user=event.username)
         )
     elif isinstance(event, AuthFailed):
-        errors[event.code] += 1
-        # The first request of every client is challenged (401 without a user) and nonces
-        # go stale (438): routine. A named user failing is worth a warning.
-        if event.username is not None:
-            auth_failures[event.code] += 1
-        level = (
-            logging.WARNING if event.username is not None and event.code == 401 else logging.INFO
-        )
         log.log(
-            level,
+            logging.WARNING if named_401 else logging.INFO,
             LogEvent(
                 "auth-failed",
                 source=f"{event.transport.value}:{format_address(event.source)}",
@@ -1341,7 +1355,6 @@ def _log_event(event: TurnEvent, errors: Counter[int], auth_failures: Counter[in
             ),
         )
     elif isinstance(event, RequestRejected):
-        errors[event.code] += 1
         log.info(
             LogEvent(
                 "request-rejected",
@@ -1362,6 +1375,21 @@ def _log_event(event: TurnEvent, errors: Counter[int], auth_failures: Counter[in
                 peer=format_address(event.peer),
             )
         )
+
+
+_EVENT_LEVELS: dict[type[TurnEvent], int] = {
+    AllocationCreated: logging.INFO,
+    AllocationRefreshed: logging.DEBUG,
+    AllocationDeleted: logging.INFO,
+    AllocationExpired: logging.INFO,
+    AuthFailed: logging.INFO,  # WARNING for a named user's 401, see _log_event
+    RequestRejected: logging.INFO,
+    PermissionCreated: logging.DEBUG,
+    PermissionExpired: logging.DEBUG,
+    ChannelBound: logging.DEBUG,
+    ChannelExpired: logging.DEBUG,
+}
+"""The level of each event's log line in :func:`_log_event` (others: none)."""
 
 
 def _kebab(event: Any) -> str:

@@ -5,9 +5,9 @@ clock; the rules that change it live in :mod:`tsunagu.turn.server`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from tsunagu.stun.constants import TRANSPORT_UDP
+from tsunagu.stun.constants import TRANSPORT_UDP, AddressFamily
 from tsunagu.turn.transport import Address, FiveTuple
 
 
@@ -40,6 +40,12 @@ class ChannelBinding:
     number: int
     peer: Address
     expires: float
+    family: int = field(init=False)
+    """:class:`~tsunagu.stun.constants.AddressFamily` value of ``peer``: the relayed
+    address the channel sends from, worked out once rather than per relayed packet."""
+
+    def __post_init__(self) -> None:
+        self.family = int(AddressFamily.IPV6 if ":" in self.peer[0] else AddressFamily.IPV4)
 
 
 class Allocation:

@@ -1274,6 +1274,8 @@ class TurnServerCore:
     def _channel_target(
         self, allocation: Allocation | None, data: bytes, now: float
     ) -> tuple[Address, Address, bytes] | None:
+        """RFC 8656 §12.6 checks of a ChannelData message from ``allocation``'s client:
+        (relay socket address, peer, payload) to send, or None when it is dropped."""
         if allocation is None or len(data) < 4:
             self.stats.dropped_from_clients += 1
             return None
@@ -1287,7 +1289,7 @@ class TurnServerCore:
             return None
         peer = binding.peer
         permission = allocation.permissions.get(peer[0])
-        relay = allocation.relays.get(family_of(peer[0]))
+        relay = allocation.relays.get(binding.family)
         if permission is None or permission.expires <= now or relay is None or relay.expires <= now:
             self.stats.dropped_from_clients += 1
             return None
