@@ -5,7 +5,8 @@ and the clock and follows the one driver pattern of :mod:`tsunagu.aio` (as aioqu
 QuicConnectionProtocol): after each input -- a datagram, a timer, an API call -- it sends
 every :meth:`~IceAgent.poll_transmit` out of the socket of its base, delivers every
 :meth:`~IceAgent.poll_event` to the futures and queues the public API awaits, and re-arms
-one ``loop.call_at`` for :meth:`~IceAgent.poll_timeout`. ``now`` is always ``loop.time()``.
+one timer for :meth:`~IceAgent.poll_timeout`. ``now`` is always
+:data:`tsunagu.aio.loop.clock`, finer than uvloop's ``loop.time()``.
 
 The public API is close to aioice's ``Connection``::
 
@@ -50,6 +51,7 @@ from tsunagu.aio.interfaces import (
     rank_host_addresses,
     select_host_addresses,
 )
+from tsunagu.aio.loop import clock
 from tsunagu.aio.turn_client import TurnClient, TurnDatagramTransport
 from tsunagu.errors import LocalProtocolError, TsunaguError
 from tsunagu.ice.agent import IceAgent
@@ -503,7 +505,7 @@ class IceConnection:
                         continue
                     if ipaddress.ip_address(base[0]).is_link_local:
                         continue  # a STUN server is never on our link's link-local scope
-                    self._agent.gather_server_reflexive(base, server, loop.time())
+                    self._agent.gather_server_reflexive(base, server, clock())
             self._service()
         for relay in self._turn_servers:
             for component in self._components():
@@ -815,7 +817,7 @@ class IceConnection:
     def _on_datagram(self, data: bytes, base: Address, remote: Address) -> None:
         if self._closed or self._loop is None:
             return
-        self._agent.handle_datagram(data, base, remote, self._loop.time())
+        self._agent.handle_datagram(data, base, remote, clock())
         self._service()
 
     def _on_timer(self) -> None:
@@ -825,7 +827,7 @@ class IceConnection:
         when = self._timer_at if self._timer_at is not None else 0.0
         # asyncio may fire a handle up to one clock resolution early: never hand the
         # core a time before the deadline it asked for, or it would ask again at once.
-        self._agent.handle_timeout(max(self._loop.time(), when))
+        self._agent.handle_timeout(max(clock(), when))
         self._service()
 
     def _service(self) -> None:
@@ -908,4 +910,4 @@ class IceConnection:
             self._timer = None
         self._timer_at = deadline
         if deadline is not None:
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._timer = self._loop.call_later(max(0.0, deadline - clock()), self._on_timer)

@@ -25,6 +25,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
+from tsunagu.aio.loop import clock
 from tsunagu.ice.agent import IceAgent
 from tsunagu.ice.candidate import Address, TcpType, normalize_ip
 from tsunagu.ice.events import IceEvent, TcpCloseRequested, TcpConnectRequested
@@ -157,7 +158,7 @@ class IceTcp:
         except OSError as exc:
             logger.debug("ice-tcp: connection to %s failed: %r", request.remote, exc)
             if not self._closed:
-                self._agent.handle_tcp_closed(request.connection, self._loop.time())
+                self._agent.handle_tcp_closed(request.connection, clock())
                 self._service()
 
     def _on_made(self, stream: _Stream) -> None:
@@ -165,7 +166,7 @@ class IceTcp:
         if self._closed:
             stream.transport.close()
             return
-        now = self._loop.time()
+        now = clock()
         if stream.connection is not None:  # ours: established
             self._streams[stream.connection] = stream
             self._agent.handle_tcp_connected(stream.connection, now)
@@ -185,7 +186,7 @@ class IceTcp:
     def _on_data(self, connection: int, data: bytes) -> None:
         if self._closed or self._loop is None:
             return
-        self._agent.handle_tcp_data(connection, data, self._loop.time())
+        self._agent.handle_tcp_data(connection, data, clock())
         self._service()
 
     def _on_lost(self, stream: _Stream) -> None:
@@ -194,5 +195,5 @@ class IceTcp:
             return  # refused, or closed at the core's request
         del self._streams[connection]
         if not self._closed and self._loop is not None:
-            self._agent.handle_tcp_closed(connection, self._loop.time())
+            self._agent.handle_tcp_closed(connection, clock())
             self._service()

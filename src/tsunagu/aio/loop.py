@@ -4,10 +4,16 @@ of asyncio's own selector loop), the standard loop otherwise."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+clock = time.monotonic
+"""The clock the drivers feed their cores with (``now``), where timing finer than the loop's
+matters: uvloop's ``loop.time()`` moves in whole milliseconds, which would round an RTT on
+a LAN or loopback to 0 or 1 ms. Timers are still armed on the loop, with ``call_later``."""
 
 
 def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -34,12 +34,12 @@ import secrets
 import socket
 import struct
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
 
+from tsunagu.aio.loop import clock
 from tsunagu.errors import LocalProtocolError
 from tsunagu.mdns.dns import canonical_name
 from tsunagu.mdns.events import MdnsEvent, NameResolved
@@ -59,8 +59,6 @@ __all__ = ["MdnsService"]
 
 logger = logging.getLogger(__name__)
 
-_clock = time.monotonic
-"""The core's time (uvloop's ``loop.time()`` moves in whole milliseconds)."""
 
 _HOP_LIMIT = 255  # RFC 6762 §11
 _IP_MULTICAST_ALL = 49  # Linux <linux/in.h>; not exported by the socket module
@@ -267,7 +265,7 @@ class MdnsService:
         """Multicast goodbyes for our names (RFC 6762 §10.1), end pending resolutions
         with None and close the sockets. Idempotent."""
         if self._core is not None:
-            self._core.close(_clock())
+            self._core.close(clock())
             self._pump()
         if self._timer is not None:
             self._timer.cancel()
@@ -294,18 +292,18 @@ class MdnsService:
 
     async def register(self, ip: str) -> str:
         """The ``.local`` name of local address ``ip``, announced on the link at once."""
-        name = self._started().register(ip, _clock())
+        name = self._started().register(ip, clock())
         self._pump()
         return name
 
     async def unregister(self, name: str) -> None:
         """Withdraw one of our names (a goodbye is multicast)."""
-        self._started().unregister(name, _clock())
+        self._started().unregister(name, clock())
         self._pump()
 
     def lookup(self, name: str) -> str | None:
         """An address for ``name`` already known (ours or cached), without a query."""
-        known = self._started().lookup(name, _clock())
+        known = self._started().lookup(name, clock())
         return known[0] if known else None
 
     async def resolve(self, name: str, timeout: float | None = None) -> str | None:
@@ -316,7 +314,7 @@ class MdnsService:
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(key, []).append(future)
         try:
-            core.resolve(name, _clock(), timeout)
+            core.resolve(name, clock(), timeout)
             self._pump()
             wait = core.config.resolve_timeout if timeout is None else timeout
             async with asyncio.timeout(wait + _SLACK):
@@ -339,13 +337,13 @@ class MdnsService:
 
     def _on_datagram(self, data: bytes, remote: Address) -> None:
         if self._core is not None:
-            self._core.handle_datagram(data, remote, _clock())
+            self._core.handle_datagram(data, remote, clock())
             self._pump()
 
     def _on_timer(self) -> None:
         self._timer = None
         if self._core is not None:
-            self._core.handle_timeout(_clock())
+            self._core.handle_timeout(clock())
             self._pump()
 
     def _pump(self) -> None:
@@ -359,7 +357,7 @@ class MdnsService:
             self._timer = None
         deadline = core.poll_timeout()
         if deadline is not None:
-            delay = max(0.0, deadline - _clock()) + _TIMER_SLACK
+            delay = max(0.0, deadline - clock()) + _TIMER_SLACK
             self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
 
     def _send(self, transmit: Transmit) -> None:
