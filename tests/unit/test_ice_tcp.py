@@ -538,6 +538,26 @@ def test_accepts_only_on_passive_bases_and_within_the_bound() -> None:
     assert all(t.connection in (second, third) for t in drain(agent))
 
 
+def test_accepts_on_simultaneous_open_bases_and_checks_go_over_the_connection() -> None:
+    """RFC 6544 §7.2: S-O bases take incoming connections too. The peer's connection
+    between the two S-O ports carries our check: no connection of ours is requested."""
+    agent = lone_agent(SO)
+    agent.add_remote_candidate(tcp_candidate(B_IP, 4102, SO))
+    connection = agent.handle_tcp_accepted((A_IP, 4101), (B_IP, 4102), 0.0)
+    assert connection is not None
+    agent.handle_timeout(0.0)
+    assert not [e for e in events(agent) if isinstance(e, TcpConnectRequested)]
+    (check,) = drain(agent)
+    assert (check.connection, check.local, check.remote) == (
+        connection,
+        (A_IP, 4101),
+        (B_IP, 4102),
+    )
+    assert unframe(check).method == Method.BINDING
+    agent.handle_tcp_data(connection, frame(answer(unframe(check), (A_IP, 4101))), 0.05)
+    assert [p.state for p in agent.pairs()] == [PairState.SUCCEEDED]
+
+
 # --- two agents end to end ---------------------------------------------------------------------
 
 

@@ -320,7 +320,11 @@ class IceConnection:
                 address_policy=dataclasses.replace(config.address_policy, allow_loopback=True),
             )
         self._agent = IceAgent(config, controlling=controlling)
-        self._tcp = IceTcp(self._agent, self._service) if config.tcp else None  # RFC 6544
+        self._tcp = (  # RFC 6544
+            IceTcp(self._agent, self._service, simultaneous_open=config.tcp_simultaneous_open)
+            if config.tcp
+            else None
+        )
         self._stun_servers = [] if relay_only else list(stun_servers)
         self._turn_servers = list(turn_servers)
         self._relay_only = relay_only

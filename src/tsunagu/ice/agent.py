@@ -744,16 +744,25 @@ class IceAgent:
 
     def handle_tcp_accepted(self, local: Address, remote: Address, now: float) -> int | None:
         """The driver accepted a connection from ``remote`` on the listening socket of
-        the passive candidate whose base is ``local`` (RFC 6544 §7.2). Returns the id
-        to pass to :meth:`handle_tcp_data`, or None: close the socket (no passive
+        the passive or simultaneous-open candidate whose base is ``local`` (RFC 6544
+        §7.2: an agent "MUST be prepared to receive incoming TCP connection requests on
+        the base of any TCP candidate that is simultaneous-open or passive"). Returns the
+        id to pass to :meth:`handle_tcp_data`, or None: close the socket (no such
         candidate there, a remote address the policy refuses, too many connections).
+        Checks of ours to ``remote`` from ``local`` go over it as well: no connection is
+        requested for them while it is open. (Simultaneous open: a socket accepted while
+        the :class:`TcpConnectRequested` for the same ``local`` and ``remote`` is pending
+        is that connection, reported with :meth:`handle_tcp_connected`, not here.)
         The peer checks over it; its first check creates the peer-reflexive candidate
         of the connection's source address (RFC 6544 §7.2, RFC 8445 §7.3.1.3)."""
         if self._closed:
             return None
         self._advance(now)
         base = self._bases.get((TransportProtocol.TCP, local))
-        if base is None or base.candidate.tcptype is not TcpType.PASSIVE:
+        if base is None or base.candidate.tcptype not in (
+            TcpType.PASSIVE,
+            TcpType.SIMULTANEOUS_OPEN,
+        ):
             return None
         if address_problem(remote[0], remote[1], self.config.address_policy) is not None:
             return None

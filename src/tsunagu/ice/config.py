@@ -112,6 +112,13 @@ class IceConfig:
     ones. The core handles TCP candidates whenever a driver adds them; this only says
     whether the driver should."""
 
+    tcp_simultaneous_open: bool = False
+    """With :attr:`tcp`, also a simultaneous-open host candidate per host address (RFC 6544
+    §4.1; Linux drivers only, see :mod:`tsunagu.aio.ice_tcp`). Off by default, as in
+    browsers: Chrome gathers passive and active TCP candidates, never S-O ones, so a browser
+    peer has nothing to pair ours with (S-O pairs with S-O only, RFC 6544 §6.2); libnice
+    gathers all three. Each costs a listening socket (RFC 6544 §7.2)."""
+
     max_tcp_accepted: int = 32
     """TCP connections peers may hold open to our passive candidates (RFC 6544 §7.2);
     beyond it the oldest one that carries no pair is closed, or the new one refused."""
