@@ -16,8 +16,10 @@ UDP sockets are read with ``loop.add_reader`` and ``recvfrom`` in bounded batche
 avoids a transport object per relay socket and keeps the relay path short: ChannelData,
 the usual Send indications and datagrams from peers go through the core's fast paths
 (``relay_udp_channel_data``, ``relay_udp_send_indication``, ``relay_peer_datagram``) and
-straight to a socket, with no message objects. A send error towards one peer (ICMP
-unreachable, EMSGSIZE with DF set, ...) is counted and dropped: it never stops an
+straight to a socket, with no message objects. On Linux, what a batch relays over UDP to
+one peer (or one client) leaves in UDP GSO sends, one system call for a run of equal-size
+datagrams (:meth:`TurnServer._send_batch`), per-flow order kept. A send error towards one
+peer (ICMP unreachable, EMSGSIZE with DF set, ...) is counted and dropped: it never stops an
 allocation from relaying to its other peers. Towards a TCP/TLS client whose connection
 cannot keep up, relayed data beyond a bounded write buffer is dropped, as UDP would drop
 it.
@@ -120,6 +122,28 @@ _ERRQUEUE_BATCH = 16  # queued ICMP errors read per readiness callback
 
 _RECV_BATCH = 64  # datagrams read per readiness callback: bounded, and fair to other sockets
 _RECV_SIZE = 65535
+
+# Linux UDP GSO (generic segmentation offload, Linux >= 4.18, <linux/udp.h>): one sendmsg
+# with a UDP_SEGMENT control message (the segment size, a u16) carries several datagrams
+# for one destination, each of that size but the last, which may be shorter; the kernel
+# (or the NIC) cuts them apart, and the receiver sees ordinary datagrams. The relay sends
+# each run of equal-size datagrams for one peer (or one client) read in a batch this way:
+# one system call where there were up to _RECV_BATCH.
+_SOL_UDP = 17
+_UDP_SEGMENT = 103
+_GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS: more is EINVAL
+_GSO_MAX_BYTES = 65507  # the whole run is built as one UDP datagram (IPv4's largest payload)
+_SEGMENT_SIZE = struct.Struct("=H")
+# The kernel or the route cannot segment (no UDP_SEGMENT, xfrm, no checksum offload: EIO;
+# a segment larger than the path MTU: EINVAL). Nothing was sent: a GSO send builds one
+# packet or fails before transmitting anything. Refused on a socket's first try, GSO is
+# turned off for it -- but EINVAL for segments larger than _GSO_SAFE_SEGMENT only says that
+# this path's MTU is smaller: that run goes one datagram at a time, GSO stays.
+_GSO_UNSUPPORTED = frozenset({errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
+_GSO_SAFE_SEGMENT = 1232  # fits any IPv6 path with its headers (RFC 8200 §5: MTU >= 1280)
+_GSO_UNTRIED, _GSO_WORKS, _GSO_OFF = 0, 1, -1  # _UdpEndpoint.gso
+
+
 _SOCKET_BUFFER = 1 << 20  # relayed bursts must not overflow the kernel buffers
 _STREAM_WRITE_LIMIT = 1 << 20  # bytes queued to one slow TCP/TLS client before dropping
 _BACKLOG = 1024
@@ -135,6 +159,19 @@ _SEND_INDICATION = b"\x00\x16"  # STUN message type: Send indication
 
 _SOCK_NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0)
 """Linux: create sockets non-blocking in the socket() call itself."""
+
+
+@functools.cache
+def _gso_available() -> bool:
+    """Whether this kernel knows UDP_SEGMENT (Linux >= 4.18): asked once."""
+    if not _LINUX:
+        return False
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.getsockopt(_SOL_UDP, _UDP_SEGMENT)
+    except OSError:
+        return False
+    return True
 
 
 def _family(ip: str) -> socket.AddressFamily:
@@ -307,13 +344,17 @@ def hold_listening_ports(config: TurnServerConfig) -> tuple[list[socket.socket],
 class _UdpEndpoint:
     """A bound UDP socket: a listening socket or a relay socket."""
 
-    __slots__ = ("address", "dont_fragment", "sendto", "sock")
+    __slots__ = ("address", "dont_fragment", "gso", "sendmsg", "sendto", "sock")
 
     def __init__(self, sock: socket.socket, address: Address) -> None:
         self.sock = sock
         self.sendto = sock.sendto
+        self.sendmsg = sock.sendmsg
         self.address = address
         self.dont_fragment = False
+        self.gso = _GSO_UNTRIED if _gso_available() else _GSO_OFF
+        """UDP GSO on this socket: untried, known to work, or off (refused on the first
+        try, or not in the kernel)."""
 
     def set_dont_fragment(self, on: bool) -> None:
         """RFC 8656 §14: the IPv4 DF bit (or IPv6's "do not fragment locally")."""
@@ -920,8 +961,10 @@ class TurnServer:
     # -- the hot paths --------------------------------------------------------------------
 
     def _listen_readable(self, endpoint: _UdpEndpoint) -> None:
-        # The client side of the hot path: ChannelData goes straight from the core's fast
-        # path to the relay socket; everything else through handle_datagram and _flush.
+        # The client side of the hot path: ChannelData goes from the core's fast path (which
+        # checks and counts each datagram) to a list, sent once the batch is read, so that
+        # runs for one peer leave in one GSO send (_send_to_peers); everything else goes
+        # through handle_datagram and _flush, after what was read before it is sent.
         core = self.core
         recvfrom = endpoint.sock.recvfrom
         local = endpoint.address
@@ -931,6 +974,7 @@ class TurnServer:
         first_max = core.channel_first_byte_max
         udp = self._udp
         ipv4 = endpoint.sock.family == socket.AF_INET
+        targets: list[tuple[Address, Address, bytes]] = []
         for _ in range(_RECV_BATCH):
             try:
                 data, remote = recvfrom(_RECV_SIZE)
@@ -943,15 +987,11 @@ class TurnServer:
             if data and 0x40 <= data[0] <= first_max:
                 target = channel_data(data, local, remote, now)
                 if target is not None:
-                    relay = udp.get(target[0])
-                    if relay is not None:
-                        if relay.dont_fragment:
-                            relay.set_dont_fragment(False)
-                        try:
-                            relay.sendto(target[2], target[1])
-                        except OSError:
-                            self._send_udp(relay, target[2], target[1], False)  # retry
+                    targets.append(target)
                 continue
+            if targets:  # keep each flow in order: what came before this goes first
+                self._send_to_peers(targets)
+                targets = []
             if data[:2] == _SEND_INDICATION:
                 sent = send_indication(data, local, remote, now)
                 if sent is not False:
@@ -959,7 +999,93 @@ class TurnServer:
                         self._send_udp(relay, sent[2], sent[1], sent[3])
                     continue
             core.handle_datagram(data, local, remote, now)
+        if targets:
+            self._send_to_peers(targets)
         self._flush()
+
+    def _send_to_peers(self, targets: list[tuple[Address, Address, bytes]]) -> None:
+        """Send the ChannelData payloads of one batch: grouped by (relay socket, peer) in
+        the order read (per-flow order holds; flows may interleave differently), each
+        group by :meth:`_send_batch`. ChannelData has no DONT-FRAGMENT: DF off (RFC 8656 §14)."""
+        udp = self._udp
+        if len(targets) == 1:
+            relay_address, peer, payload = targets[0]
+            relay = udp.get(relay_address)
+            if relay is not None:
+                if relay.dont_fragment:
+                    relay.set_dont_fragment(False)
+                try:
+                    relay.sendto(payload, peer)
+                except OSError:
+                    self._send_udp(relay, payload, peer, False)  # retry
+            return
+        groups: dict[tuple[Address, Address], list[bytes]] = {}
+        for relay_address, peer, payload in targets:
+            key = (relay_address, peer)
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [payload]
+            else:
+                group.append(payload)
+        for (relay_address, peer), payloads in groups.items():
+            relay = udp.get(relay_address)
+            if relay is not None:
+                if relay.dont_fragment:
+                    relay.set_dont_fragment(False)
+                self._send_batch(relay, payloads, peer, True)
+
+    def _send_batch(
+        self, endpoint: _UdpEndpoint, datagrams: list[bytes], destination: Address, to_peer: bool
+    ) -> None:
+        """Send ``datagrams`` in order to one destination: each run of equal sizes (the
+        last of a run may be shorter; empty datagrams never join one) in one UDP GSO
+        sendmsg, the rest, or all when GSO is off or refused, one ``sendto`` each. A
+        failed send is retried once towards a peer (see :meth:`_send_udp`), counted and
+        dropped towards a client, as without GSO."""
+        count = len(datagrams)
+        start = 0
+        while start < count:  # bounded: each pass moves start forward
+            end = start + 1
+            if endpoint.gso != _GSO_OFF:
+                size = total = len(datagrams[start])
+                limit = min(count, start + _GSO_MAX_SEGMENTS)
+                while end < limit and size:
+                    length = len(datagrams[end])
+                    if length > size or not length or total + length > _GSO_MAX_BYTES:
+                        break
+                    total += length
+                    end += 1
+                    if length < size:
+                        break  # only the last segment may be shorter
+                if end - start > 1:
+                    try:
+                        endpoint.sendmsg(
+                            datagrams[start:end],
+                            [(_SOL_UDP, _UDP_SEGMENT, _SEGMENT_SIZE.pack(size))],
+                            0,
+                            destination,
+                        )
+                    except OSError as exc:
+                        # Nothing of the run was sent: it goes one datagram at a time below.
+                        if (
+                            endpoint.gso == _GSO_UNTRIED
+                            and exc.errno in _GSO_UNSUPPORTED
+                            and (exc.errno != errno.EINVAL or size <= _GSO_SAFE_SEGMENT)
+                        ):
+                            endpoint.gso = _GSO_OFF
+                    else:
+                        endpoint.gso = _GSO_WORKS
+                        start = end
+                        continue
+            for datagram in datagrams[start:end]:
+                try:
+                    endpoint.sendto(datagram, destination)
+                except OSError:
+                    if to_peer:
+                        self._send_udp(endpoint, datagram, destination, False)  # retry
+                    else:
+                        self.send_errors += 1
+            start = end
 
     def _send_udp(
         self, endpoint: _UdpEndpoint, data: bytes, peer: Address, dont_fragment: bool
@@ -995,14 +1121,16 @@ class TurnServer:
         stream.write(data)
 
     def _relay_readable(self, endpoint: _UdpEndpoint) -> None:
-        # The peer side of the hot path: the frame for the client is sent at once.
+        # The peer side of the hot path: the core checks and counts each datagram; the
+        # frames for a UDP client are sent once the batch is read (_send_to_client).
         core = self.core
         recvfrom = endpoint.sock.recvfrom
         relay = endpoint.address
         now = self._loop.time()
         relay_peer_datagram = core.relay_peer_datagram
-        udp = self._udp
         ipv4 = endpoint.sock.family == socket.AF_INET
+        frames: list[bytes] = []
+        client: FiveTuple | None = None
         for n in range(_RECV_BATCH):
             try:
                 data, peer = recvfrom(_RECV_SIZE)
@@ -1022,15 +1150,34 @@ class TurnServer:
                 continue
             five_tuple, frame = relayed
             if five_tuple[0] is Transport.UDP:
-                listening = udp.get(five_tuple[2])
-                if listening is not None:
-                    try:
-                        listening.sendto(frame, five_tuple[1])
-                    except OSError:
-                        self.send_errors += 1
+                # Held until the batch is read, in order, then sent in GSO runs (one
+                # allocation, so one client, per relay socket). ChannelData over UDP is
+                # not padded (RFC 8656 §12.5): equal payloads make equal frames.
+                if five_tuple is not client:
+                    if frames:
+                        self._send_to_client(client, frames)
+                        frames = []
+                    client = five_tuple
+                frames.append(frame)
             else:
                 self._write_stream(five_tuple[0], five_tuple[2], five_tuple[1], frame)
+        if frames:
+            self._send_to_client(client, frames)
         self._flush()
+
+    def _send_to_client(self, five_tuple: FiveTuple | None, frames: list[bytes]) -> None:
+        """Send frames relayed from peers to a UDP client, in order (:meth:`_send_batch`)."""
+        assert five_tuple is not None
+        listening = self._udp.get(five_tuple[2])
+        if listening is None:
+            return
+        if len(frames) == 1:
+            try:
+                listening.sendto(frames[0], five_tuple[1])
+            except OSError:
+                self.send_errors += 1
+        else:
+            self._send_batch(listening, frames, five_tuple[1], False)
 
     def _read_icmp_errors(self, endpoint: _UdpEndpoint, now: float) -> None:
         """RFC 8656 §11.5: hand the relay socket's queued ICMP errors to the core."""
