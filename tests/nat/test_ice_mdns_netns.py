@@ -73,12 +73,18 @@ def test_host_candidates_hidden_behind_mdns_names_connect() -> None:
         assert [c.type for c in signalled] == [CandidateType.HOST], results
         assert signalled[0].is_mdns, results
         assert not _IPV4.search(json.dumps(result.lines[: len(signalled) + 2])), results
-        # The remote's name was resolved: the pair uses its host candidate, not a
-        # peer-reflexive one learnt from its checks.
+        # The pair joins the two real host addresses. Its remote is the resolved host
+        # candidate, or -- when the peer's first check (both sides trickle at once) beats
+        # the resolution -- the peer-reflexive candidate that the resolved one later
+        # replaces (RFC 8838 §11.3); "selected" is printed at selection. That the name
+        # itself resolves over multicast is shown by tests/nat/test_mdns_netns.py, and the
+        # resolved host candidate by the Chromium test, where checks start only after the
+        # answer.
         assert result.selected is not None, results
         local, remote = result.selected
         assert (local.address, local.type) == (me, CandidateType.HOST), results
-        assert (remote.address, remote.type) == (other, CandidateType.HOST), results
+        assert remote.address == other, results
+        assert remote.type in (CandidateType.HOST, CandidateType.PEER_REFLEXIVE), results
 
 
 def test_unresolvable_name_is_dropped_and_peer_reflexive_connects() -> None:

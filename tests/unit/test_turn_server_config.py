@@ -164,3 +164,9 @@ def test_entropy_sources() -> None:
         a.randbelow(0)
     system = SystemEntropy()
     assert len(system.token_bytes(8)) == 8 and 0 <= system.randbelow(5) < 5
+    assert {system.randbelow(3) for _ in range(200)} == {0, 1, 2}
+    assert system.randbelow(1) == 0
+    for bound in (2**16, 2**64, 2**64 + 1, 2**200):  # one 64-bit draw, and beyond it
+        assert all(0 <= system.randbelow(bound) < bound for _ in range(20))
+    with pytest.raises(ValueError):
+        system.randbelow(0)

@@ -59,7 +59,9 @@ from tsunagu.stun.credentials import (
 from tsunagu.stun.credentials import PasswordAlgorithm as Algorithm
 from tsunagu.stun.framing import ChannelData
 from tsunagu.stun.message import IntegrityAlgorithm, Message
-from tsunagu.turn.auth import parse_users_file
+from tsunagu.turn import auth as auth_module
+from tsunagu.turn import server as server_module
+from tsunagu.turn.auth import Authenticated, Authenticator, parse_users_file
 from tsunagu.turn.config import TurnServerConfig
 from tsunagu.turn.entropy import SeededEntropy
 from tsunagu.turn.events import (
@@ -511,6 +513,85 @@ def test_users_file_with_plain_and_precomputed_keys() -> None:
     assert set(build_users(config, "gina:y\n")) == {"frank", "gina"}
 
 
+def test_reloaded_credentials_apply_to_the_next_request() -> None:
+    """Keys that verified a request are kept prepared; a reload (SIGHUP) must not let the
+    old password or an old REST API secret through on the strength of them."""
+    core, _ = make_core()
+    client = Client(core)
+    assert code_of(client.allocate()) is None
+    assert code_of(client.request(Method.REFRESH)) is None  # the prepared key verifies
+    core.update_users(parse_users_file(f"{USER}:changed\n", REALM), ())
+    assert code_of(client.exchange(client.signed(Method.REFRESH, []), 0.0)) == 401
+    client.password = "changed"
+    assert code_of(client.request(Method.REFRESH)) is None
+
+    config = TurnServerConfig(
+        listen=(SERVER,), relay_ips=(RELAY_V4,), realm=REALM, auth_secrets=("old",)
+    )
+    core = TurnServerCore(config, FakeBinder(), entropy=SeededEntropy(b"rotate"))
+    core.unix_time_offset = 1000.0
+    username = rest_api_username(5000, "carol")
+    rest = Client(core, username=username, password=rest_api_password("old", username))
+    assert code_of(rest.allocate()) is None
+    assert code_of(rest.request(Method.REFRESH)) is None
+    core.update_users({}, ("new",))  # the old secret is retired
+    assert code_of(rest.exchange(rest.signed(Method.REFRESH, []), 0.0)) == 401
+    # ... and a REST credential whose key is prepared still expires on time
+    core.update_users({}, ("old",))
+    assert code_of(rest.request(Method.REFRESH)) is None
+    core.unix_time_offset = 5001.0
+    assert code_of(rest.exchange(rest.signed(Method.REFRESH, []), 0.0)) == 401
+
+
+def authenticator(**overrides: Any) -> Authenticator:
+    values: dict[str, Any] = {
+        "realm": REALM,
+        "users": parse_users_file(f"{USER}:{PASSWORD}\n", REALM),
+        "nonce_secret": bytes(32),
+        "nonce_lifetime": 600.0,
+    }
+    values.update(overrides)
+    return Authenticator(**values)
+
+
+def signed_request(
+    auth: Authenticator, username: str, password: str, integrity: IntegrityAlgorithm = "sha1"
+) -> Message:
+    nonce = auth.challenge(CLIENT, 0.0)[1]
+    attrs = [UDP, Username(username), Realm(REALM), nonce]
+    key = long_term_key(username, REALM, password)
+    data = Message(Method.ALLOCATE, MessageClass.REQUEST, bytes(12), attrs)
+    return Message.decode(data.encode(key, integrity=integrity))
+
+
+def test_prepared_keys_only_after_verification_and_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(auth_module, "PREPARED_KEYS", 3)
+    auth = authenticator(rest_secrets=("s",))
+    # Requests that do not verify leave nothing behind, however many usernames they name.
+    for n in range(20):
+        for username in (USER, rest_api_username(5000, f"u{n}")):
+            bad = auth.authenticate(signed_request(auth, username, "guess"), CLIENT, 0.0, 1000.0)
+            assert not isinstance(bad, Authenticated)
+    assert auth.prepared_keys == 0
+    good = auth.authenticate(signed_request(auth, USER, PASSWORD), CLIENT, 0.0, 1000.0)
+    assert isinstance(good, Authenticated) and auth.prepared_keys == 1
+    # the prepared key answers the next request alike, whichever integrity it carries
+    again = auth.authenticate(signed_request(auth, USER, PASSWORD), CLIENT, 0.0, 1000.0)
+    assert again == good
+    sha256 = signed_request(auth, USER, PASSWORD, "sha256")
+    assert auth.authenticate(sha256, CLIENT, 0.0, 1000.0) == dataclasses.replace(
+        good, integrity="sha256"
+    )
+    for n in range(10):
+        username = rest_api_username(5000, f"u{n}")
+        request = signed_request(auth, username, rest_api_password("s", username))
+        rest = auth.authenticate(request, CLIENT, 0.0, 1000.0)
+        assert isinstance(rest, Authenticated) and rest.account == f"u{n}"
+    assert auth.prepared_keys == 3
+
+
 def test_attributes_after_message_integrity_have_no_effect() -> None:
     core, binder = make_core()
     client = Client(core)
@@ -881,6 +962,42 @@ def test_allocation_expires_and_releases_everything() -> None:
         ChannelExpired(client.five_tuple, 0x4001, PEER2),
         AllocationExpired(client.five_tuple, USER),
     ]
+
+
+def test_timer_entries_of_deleted_allocations_do_not_pile_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Refresh with LIFETIME 0 leaves the allocation's timer entry behind until its
+    deadline; such entries are dropped once they pile up, and the live ones still fire,
+    also when dropping happens while handle_timeout is running."""
+    monkeypatch.setattr(server_module, "_TIMERS_MIN_COMPACTION", 16)
+    core, binder = make_core(
+        min_port=20000,
+        max_port=29999,
+        max_allocations=10_000,
+        max_allocations_per_user=10_000,
+        unauthenticated_burst=10_000,
+    )
+    kept = [Client(core, address=("198.51.100.8", 1000 + n)) for n in range(40)]
+    for client in kept:
+        client.allocate(now=0.0)
+        client.permit(PEER, now=0.0)
+    for n in range(300):
+        churn = Client(core, address=("198.51.100.9", 1000 + n))
+        churn.allocate(now=1.0)
+        assert churn.request(Method.REFRESH, [Lifetime(0)], now=1.0).get(Lifetime) == Lifetime(0)
+        assert core.timer_entries <= 2 * (len(kept) + 1) + 1
+    events(core)
+    assert core.allocation_count == len(kept)
+    # Each permission expiry reschedules (pushes) its allocation: the first push drops the
+    # stale entries, in the list handle_timeout is working through.
+    monkeypatch.setattr(core, "_timers_compaction", 0)
+    core.handle_timeout(300.0)
+    assert [type(e) for e in events(core)] == [PermissionExpired] * len(kept)
+    assert core.poll_timeout() == 600.0
+    core.handle_timeout(600.0)
+    assert [type(e) for e in events(core)] == [AllocationExpired] * len(kept)
+    assert core.allocation_count == 0 and not binder.bound
 
 
 def test_closing_a_tcp_connection_deletes_its_allocation() -> None:

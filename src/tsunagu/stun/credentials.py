@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from tsunagu.errors import TsunaguError
+from tsunagu.stun.message import IntegrityKey
 
 __all__ = [
     "NONCE_COOKIE",
@@ -388,7 +389,13 @@ _NONCE_MAC_LENGTH = 16  # 128 bits of HMAC-SHA256: forging one is as hard as gue
 _NONCE_TIME = struct.Struct(">q")  # issue time in whole milliseconds of the caller's clock
 _NONCE_TOKEN_LENGTH = 4 * (_NONCE_TIME.size + _NONCE_MAC_LENGTH) // 3  # base64url, no padding
 _NONCE_DOMAIN = b"tsunagu nonce v1\x00"  # keeps these MACs apart from any other use of the key
+_NONCE_LENGTH = _COOKIE_LENGTH + _NONCE_TOKEN_LENGTH
 _MIN_SECRET_LENGTH = 16
+# base64url (RFC 4648 §5) to and from the standard alphabet, for binascii's codec.
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
 
 
 def _milliseconds(now: float) -> int:
@@ -400,9 +407,9 @@ def _client_identity(client: tuple[str, int] | str) -> bytes:
     if isinstance(client, tuple):
         host, port = client
         raw = host.encode("utf-8")
-        return b"A" + struct.pack(">H", len(raw)) + raw + struct.pack(">H", port)
+        return b"A" + _U16.pack(len(raw)) + raw + _U16.pack(port)
     raw = client.encode("utf-8")
-    return b"S" + struct.pack(">I", len(raw)) + raw
+    return b"S" + _U32.pack(len(raw)) + raw
 
 
 class NonceFactory:
@@ -439,10 +446,13 @@ class NonceFactory:
             raise CredentialError(f"nonce secret must be at least {_MIN_SECRET_LENGTH} bytes")
         if not lifetime > 0:
             raise CredentialError("nonce lifetime must be positive")
-        self._secret = bytes(secret)
         self._lifetime = lifetime
         self._features = features if features is not None else SecurityFeatures()
         self._cookie = self._features.cookie()
+        self._cookie_bytes = self._cookie.encode("ascii")
+        # The secret's HMAC key schedule, done once; every MAC then costs only its hashing.
+        self._key = IntegrityKey(secret)
+        self._mac_prefix = _NONCE_DOMAIN + self._cookie_bytes
 
     @property
     def features(self) -> SecurityFeatures:
@@ -455,16 +465,14 @@ class NonceFactory:
         return self._lifetime
 
     def _mac(self, time_bytes: bytes, client: tuple[str, int] | str) -> bytes:
-        message = (
-            _NONCE_DOMAIN + self._cookie.encode("ascii") + time_bytes + _client_identity(client)
-        )
-        return hmac.new(self._secret, message, hashlib.sha256).digest()[:_NONCE_MAC_LENGTH]
+        message = self._mac_prefix + time_bytes + _client_identity(client)
+        return self._key.mac(message, "sha256")[:_NONCE_MAC_LENGTH]
 
     def issue(self, client: tuple[str, int] | str, now: float) -> str:
         """A fresh nonce for ``client`` (its (ip, port), or any stable identity string)."""
         time_bytes = _NONCE_TIME.pack(_milliseconds(now))
-        token = base64.urlsafe_b64encode(time_bytes + self._mac(time_bytes, client))
-        return self._cookie + token.decode("ascii")
+        token = binascii.b2a_base64(time_bytes + self._mac(time_bytes, client), newline=False)
+        return self._cookie + token.translate(_TO_URLSAFE).decode("ascii")
 
     def check(self, nonce: str, client: tuple[str, int] | str, now: float) -> NonceStatus:
         """Whether ``nonce`` (from a request, so untrusted) is one we issued to ``client``.
@@ -473,12 +481,15 @@ class NonceFactory:
         the lifetime (or from the future, which only a clock reset explains) -- answer 438 with
         a fresh nonce. Never raises on malformed input.
         """
-        if len(nonce) != _COOKIE_LENGTH + _NONCE_TOKEN_LENGTH or not nonce.isascii():
+        if len(nonce) != _NONCE_LENGTH or not nonce.isascii():
             return NonceStatus.INVALID
-        if not constant_time_equal(nonce[:_COOKIE_LENGTH].encode(), self._cookie.encode()):
+        data = nonce.encode("ascii")
+        if not constant_time_equal(data[:_COOKIE_LENGTH], self._cookie_bytes):
             return NonceStatus.INVALID
-        try:
-            raw = base64.b64decode(nonce[_COOKIE_LENGTH:], altchars=b"-_", validate=True)
+        try:  # strict base64url: what base64.b64decode(altchars=b"-_", validate=True) does
+            raw = binascii.a2b_base64(
+                data[_COOKIE_LENGTH:].translate(_FROM_URLSAFE), strict_mode=True
+            )
         except binascii.Error:
             return NonceStatus.INVALID
         time_bytes, mac = raw[: _NONCE_TIME.size], raw[_NONCE_TIME.size :]

@@ -14,10 +14,17 @@
   one, USERHASH (bit 1).
 * Password algorithms (RFC 8489 §9.2.4, §18.5.1): SHA-256 and MD5 are offered, in that
   order unless some static user only has an MD5 key. A client that names none gets MD5.
+* Keys that just authenticated a request are kept prepared (:class:`IntegrityKey`, the HMAC
+  key schedule done) in a bounded least-recently-used table, so that the next requests of
+  the same credential -- the Allocate's success response, Refresh, CreatePermission,
+  ChannelBind -- skip the key schedule and, for REST API users, the key derivation. Only
+  keys that verified a request go in (an unauthenticated request adds nothing), and the
+  table belongs to one :class:`Authenticator`: new credentials (SIGHUP) start a new one.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -43,10 +50,14 @@ from tsunagu.stun.credentials import (
     userhash,
 )
 from tsunagu.stun.credentials import PasswordAlgorithm as Algorithm
-from tsunagu.stun.message import IntegrityAlgorithm, Message
+from tsunagu.stun.message import IntegrityAlgorithm, IntegrityKey, Message
 from tsunagu.turn.transport import Address
 
 _KEY_LENGTHS = {16: Algorithm.MD5, 32: Algorithm.SHA256}
+
+PREPARED_KEYS = 4096
+"""Credentials whose prepared key an :class:`Authenticator` keeps (least recently used
+dropped first): at about 1 KiB each (four hash states), a few MiB at most."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +124,7 @@ class Authenticated:
     """The request carried valid long-term credentials."""
 
     username: str
-    key: bytes
+    key: IntegrityKey
     integrity: IntegrityAlgorithm
     """Which MESSAGE-INTEGRITY the response must carry (the request's, RFC 8489 §9.2.4)."""
     account: str
@@ -139,7 +150,9 @@ class Authenticator:
         "_algorithms",
         "_by_hash",
         "_nonces",
+        "_prepared",
         "_realm",
+        "_realm_attribute",
         "_secrets",
         "_users",
     )
@@ -154,6 +167,7 @@ class Authenticator:
         nonce_lifetime: float,
     ) -> None:
         self._realm = realm
+        self._realm_attribute = Realm(realm)
         self._users = dict(users)
         self._secrets = tuple(s.encode() for s in rest_secrets)
         # Clients pick the first algorithm they support (RFC 8489 §9.2.5), so SHA-256 goes
@@ -173,14 +187,22 @@ class Authenticator:
             username_anonymity=bool(self._users) and not self._secrets,
         )
         self._nonces = NonceFactory(nonce_secret, lifetime=nonce_lifetime, features=features)
+        # (username, password algorithm) -> the outcome of the last request whose key
+        # verified, holding the prepared key; see the module notes.
+        self._prepared: OrderedDict[tuple[str, Algorithm], Authenticated] = OrderedDict()
 
     @property
     def realm(self) -> str:
         return self._realm
 
+    @property
+    def prepared_keys(self) -> int:
+        """Credentials whose key is kept prepared (at most :data:`PREPARED_KEYS`)."""
+        return len(self._prepared)
+
     def challenge(self, client: Address, now: float) -> tuple[Attribute, ...]:
         """REALM, a fresh NONCE and PASSWORD-ALGORITHMS for a 401 or 438 (§9.2.4)."""
-        return (Realm(self._realm), Nonce(self._nonces.issue(client, now)), self._algorithms)
+        return (self._realm_attribute, Nonce(self._nonces.issue(client, now)), self._algorithms)
 
     def _reject(
         self, code: int, client: Address, now: float, username: str | None, reason: str
@@ -188,14 +210,30 @@ class Authenticator:
         attributes = () if code == ErrorCode.BAD_REQUEST else self.challenge(client, now)
         return Rejected(code, attributes, username, reason)
 
-    def _keys(self, username: str, unix_now: float) -> UserKeys | list[str] | None:
-        """Static keys, or the REST API passwords to try, or None for an unknown user."""
+    def _keys(self, username: str, unix_now: float) -> UserKeys | tuple[bytes, ...] | None:
+        """Static keys, or the REST API secrets to try, or None for an unknown user."""
         keys = self._users.get(username)
         if keys is not None:
             return keys
         if self._secrets and not rest_api_expired(username, unix_now):
-            return [rest_api_password(secret, username) for secret in self._secrets]
+            return self._secrets
         return None
+
+    def _verified(
+        self,
+        username: str,
+        algorithm: Algorithm,
+        key: bytes,
+        integrity: IntegrityAlgorithm,
+        account: str,
+    ) -> Authenticated:
+        """``key`` verified the request: keep it prepared for the next ones."""
+        auth = Authenticated(username, IntegrityKey(key), integrity, account)
+        prepared = self._prepared
+        prepared[(username, algorithm)] = auth
+        if len(prepared) > PREPARED_KEYS:
+            prepared.popitem(last=False)
+        return auth
 
     def authenticate(
         self, request: Message, client: Address, now: float, unix_now: float
@@ -255,19 +293,28 @@ class Authenticator:
             return self._reject(
                 ErrorCode.UNAUTHENTICATED, client, now, username, "unknown or expired user"
             )
+        # This credential's prepared key, if it verified a request lately: a key the lines
+        # below would derive again. When it does not verify, they still run, and decide.
+        entry = self._prepared.get((username, algorithm))
+        if entry is not None and request.verify_integrity(entry.key):
+            self._prepared.move_to_end((username, algorithm))
+            if entry.integrity == algorithm_used:
+                return entry
+            return Authenticated(username, entry.key, algorithm_used, entry.account)
         if isinstance(keys, UserKeys):
             key = keys.key(algorithm)
             if key is not None and request.verify_integrity(key):
-                return Authenticated(username, key, algorithm_used, username)
+                return self._verified(username, algorithm, key, algorithm_used, username)
         else:
-            for password in keys:
+            for secret in keys:
                 try:
+                    password = rest_api_password(secret, username)
                     key = long_term_key(username, self._realm, password, algorithm)
                 except CredentialError:
                     break
                 if request.verify_integrity(key):
                     account = username.partition(":")[2] or username
-                    return Authenticated(username, key, algorithm_used, account)
+                    return self._verified(username, algorithm, key, algorithm_used, account)
         return self._reject(
             ErrorCode.UNAUTHENTICATED, client, now, username, "MESSAGE-INTEGRITY mismatch"
         )

@@ -9,8 +9,34 @@ ports drawn from ``random()``; here even the port choice is a secret draw.
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
+from collections.abc import Callable
 from typing import Protocol
+
+_DRAW_RANGE = 1 << 64
+_DRAW_TRIES = 64
+
+
+def _uniform_below(n: int, draw: Callable[[], int]) -> int:
+    """A uniform integer in ``[0, n)``, ``n`` at most ``2**64``, from uniform 64-bit
+    ``draw()``s by rejection sampling: a draw is rejected with probability below
+    ``n / 2**64``, so for a port range one draw nearly always does
+    (:func:`secrets.randbelow` draws just enough bits for ``n``, so rejects up to half of
+    its draws, each an OS call)."""
+    if n <= 0:
+        raise ValueError("randbelow needs a positive bound")
+    limit = _DRAW_RANGE - _DRAW_RANGE % n
+    for _ in range(_DRAW_TRIES):
+        value = draw()
+        if value < limit:
+            return value % n
+    raise RuntimeError("rejection sampling did not terminate")
+
+
+def _system_draw() -> int:
+    # os.urandom is what secrets.token_bytes calls, through two Python-level calls.
+    return int.from_bytes(os.urandom(8), "big")
 
 
 class Entropy(Protocol):
@@ -26,7 +52,7 @@ class Entropy(Protocol):
 
 
 class SystemEntropy:
-    """The OS CSPRNG through :mod:`secrets`."""
+    """The OS CSPRNG (:mod:`secrets`, :func:`os.urandom`)."""
 
     __slots__ = ()
 
@@ -34,7 +60,9 @@ class SystemEntropy:
         return secrets.token_bytes(n)
 
     def randbelow(self, n: int) -> int:
-        return secrets.randbelow(n)
+        if n > _DRAW_RANGE:
+            return secrets.randbelow(n)
+        return _uniform_below(n, _system_draw)
 
 
 class SeededEntropy:
@@ -57,13 +85,8 @@ class SeededEntropy:
             out += self._block()
         return out[:n]
 
+    def _draw(self) -> int:
+        return int.from_bytes(self._block()[:8], "big")
+
     def randbelow(self, n: int) -> int:
-        if n <= 0:
-            raise ValueError("randbelow needs a positive bound")
-        # Rejection sampling over 64-bit draws keeps the result uniform.
-        limit = (1 << 64) - (1 << 64) % n
-        for _ in range(64):
-            value = int.from_bytes(self._block()[:8], "big")
-            if value < limit:
-                return value % n
-        raise RuntimeError("SeededEntropy: rejection sampling did not terminate")
+        return _uniform_below(n, self._draw)

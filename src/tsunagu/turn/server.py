@@ -146,6 +146,7 @@ _DATA_TYPE = struct.pack("!H", AttrType.DATA)
 _PEERS_SEEN = 4096  # decoded XOR-PEER-ADDRESS values remembered by the Send fast path
 _CONNECTION_ID_DRAWS = 16  # tries for an unused 32-bit CONNECTION-ID
 _NONCE_SECRET_LENGTH = 32
+_TIMERS_MIN_COMPACTION = 4096  # timer heap entries before stale ones are worth dropping
 # Largest payload a Data indication can carry: the STUN length field is 16 bits and the
 # indication adds XOR-PEER-ADDRESS (at most 24 bytes) and the DATA header (4 bytes).
 _MAX_DATA_INDICATION_PAYLOAD = 0xFFFF - 24 - 4 - 3
@@ -309,6 +310,7 @@ class TurnServerCore:
         self._peer_connections: dict[int, PeerConnection] = {}
         self._data_connections: dict[FiveTuple, PeerConnection] = {}
         self._timers: list[tuple[float, int, Allocation | Reservation | PeerConnection]] = []
+        self._timers_compaction = _TIMERS_MIN_COMPACTION
         self._sequence = itertools.count()
         self._transmits: deque[Transmit] = deque()
         self._events: deque[TurnEvent] = deque()
@@ -387,6 +389,11 @@ class TurnServerCore:
     def tracked_sources(self) -> int:
         """Sources the unauthenticated-answer rate limiter currently remembers."""
         return len(self._limiter)
+
+    @property
+    def timer_entries(self) -> int:
+        """Entries in the timer heap, stale ones included (see :meth:`_push_timer`)."""
+        return len(self._timers)
 
     @property
     def relay_endpoints(self) -> tuple[RelayEndpoint, ...]:
@@ -611,18 +618,41 @@ class TurnServerCore:
         timers = self._timers
         while timers and timers[0][0] <= now:
             deadline, _, item = heapq.heappop(timers)
+            if not self._timer_pending(deadline, item):
+                continue
             if isinstance(item, Reservation):
-                if self._reservations.get(item.token) is item:
-                    del self._reservations[item.token]
-                    self._pools[item.family].release(self._relay.unbind, item.bound[1])
-                continue
-            if isinstance(item, PeerConnection):
+                del self._reservations[item.token]
+                self._pools[item.family].release(self._relay.unbind, item.bound[1])
+            elif isinstance(item, PeerConnection):
                 self._peer_connection_timeout(item, now)
-                continue
-            if self._allocations.get(item.five_tuple) is not item or deadline != item.timer_at:
-                continue  # deleted, or superseded by an earlier deadline
-            item.timer_at = float("inf")
-            self._sweep(item, now)
+            else:
+                item.timer_at = float("inf")
+                self._sweep(item, now)
+
+    def _timer_pending(
+        self, deadline: float, item: Allocation | Reservation | PeerConnection
+    ) -> bool:
+        """Whether a timer heap entry may still do something: not once its item is gone
+        (a deleted allocation, a used reservation, a closed peer connection), nor, for an
+        allocation, once an earlier deadline superseded it."""
+        if isinstance(item, Reservation):
+            return self._reservations.get(item.token) is item
+        if isinstance(item, PeerConnection):
+            return self._peer_connections.get(item.connection_id) is item
+        return self._allocations.get(item.five_tuple) is item and deadline == item.timer_at
+
+    def _push_timer(self, deadline: float, item: Allocation | Reservation | PeerConnection) -> None:
+        timers = self._timers
+        heapq.heappush(timers, (deadline, next(self._sequence), item))
+        if len(timers) > self._timers_compaction:
+            # An entry whose item is gone stays until its deadline (an allocation deleted by
+            # a Refresh: up to max-lifetime later), holding the item; with allocations
+            # coming and going, such entries would pile up by the million. Drop them once the
+            # heap has doubled: O(1) per push, amortised. In place: handle_timeout may be
+            # iterating over this list.
+            timers[:] = [entry for entry in timers if self._timer_pending(entry[0], entry[2])]
+            heapq.heapify(timers)
+            self._timers_compaction = max(_TIMERS_MIN_COMPACTION, 2 * len(timers))
 
     def _sweep(self, allocation: Allocation, now: float) -> None:
         relays, permissions, channels = allocation.sweep(now)
@@ -643,7 +673,7 @@ class TurnServerCore:
         deadline = allocation.next_deadline()
         if deadline < allocation.timer_at:
             allocation.timer_at = deadline
-            heapq.heappush(self._timers, (deadline, next(self._sequence), allocation))
+            self._push_timer(deadline, allocation)
 
     # -- allocation bookkeeping --------------------------------------------------------------
 
@@ -991,10 +1021,7 @@ class TurnServerCore:
         if new_reservation is not None:
             self._reservations[new_reservation.token] = new_reservation
             new_reservation.timer_at = new_reservation.expires
-            heapq.heappush(
-                self._timers,
-                (new_reservation.expires, next(self._sequence), new_reservation),
-            )
+            self._push_timer(new_reservation.expires, new_reservation)
         self._schedule(allocation)
 
         attributes: list[Attribute] = [XorRelayedAddress(r.advertised) for r in relays]
@@ -1330,7 +1357,7 @@ class TurnServerCore:
         self._peer_connections[connection_id] = connection
         allocation.connections[peer] = connection_id
         connection.timer_at = deadline
-        heapq.heappush(self._timers, (deadline, next(self._sequence), connection))
+        self._push_timer(deadline, connection)
         return connection
 
     def _close_peer_connection(self, connection_id: int) -> None:
@@ -1367,11 +1394,8 @@ class TurnServerCore:
         self._events.append(ClosePeerConnection(connection_id))
 
     def _peer_connection_timeout(self, connection: PeerConnection, now: float) -> None:
-        if (
-            self._peer_connections.get(connection.connection_id) is connection
-            and connection.state is not PeerConnectionState.BOUND
-            and connection.deadline <= now
-        ):
+        """A pending timer entry of ``connection`` is due (see :meth:`_timer_pending`)."""
+        if connection.state is not PeerConnectionState.BOUND and connection.deadline <= now:
             self._close_peer_connection(connection.connection_id)
 
     def _connect(
@@ -1421,7 +1445,7 @@ class TurnServerCore:
         connection.state = PeerConnectionState.PENDING_BIND
         connection.connect_request = connection.connect_auth = None
         connection.deadline = connection.timer_at = now + CONNECTION_BIND_TIMEOUT
-        heapq.heappush(self._timers, (connection.deadline, next(self._sequence), connection))
+        self._push_timer(connection.deadline, connection)
         if request is not None:
             allocation = connection.allocation
             self._respond(request, allocation.five_tuple, auth, (ConnectionId(connection_id),))
