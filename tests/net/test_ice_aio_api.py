@@ -19,6 +19,7 @@ from typing import cast
 from tsunagu.aio.ice import IceConnection, TurnServer
 from tsunagu.ice.candidate import Address, Candidate, CandidateType
 from tsunagu.ice.checks import check_request
+from tsunagu.ice.config import IceConfig
 from tsunagu.ice.events import (
     CandidateGathered,
     ConnectionStateChanged,
@@ -549,5 +550,37 @@ def test_ice_servers_and_relay_policy_like_rtc_configuration() -> None:
                 assert await peer.recv() == b"through the relay"
         finally:
             await server.close()
+
+    bounded(test, LIMIT)
+
+
+def test_ice_lite_connection_serves_a_full_agent() -> None:
+    """An ICE-lite IceConnection (a server's, RFC 8445 §2.5): host candidates only, no
+    checks of its own; the full agent controls, nominates, and data flows both ways."""
+
+    async def test() -> None:
+        async with (
+            IceConnection(
+                False,
+                host_addresses=["127.0.0.1"],
+                allow_loopback=True,
+                config=IceConfig(lite=True),
+            ) as lite,
+            IceConnection(True, host_addresses=["127.0.0.1"], allow_loopback=True) as full,
+        ):
+            await asyncio.gather(lite.gather(), full.gather())
+            lite.set_remote_credentials(full.local_username, full.local_password)
+            full.set_remote_credentials(lite.local_username, lite.local_password)
+            for me, other in ((lite, full), (full, lite)):
+                for candidate in other.local_candidates:
+                    await me.add_remote_candidate(candidate)
+                await me.add_remote_candidate(None)
+            pair, lite_pair = await asyncio.gather(full.connect(), lite.connect())
+            assert pair.nominated and lite_pair.nominated
+            assert pair.requests_sent >= 1 and lite_pair.requests_sent == 0  # lite never checks
+            await full.send(b"to the server")
+            assert await lite.recv() == b"to the server"
+            await lite.send(b"to the client")
+            assert await full.recv() == b"to the client"
 
     bounded(test, LIMIT)
