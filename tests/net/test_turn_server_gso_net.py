@@ -27,6 +27,7 @@ from tsunagu.stun.attributes import (
     Attribute,
     ChannelNumber,
     Data,
+    DontFragment,
     Lifetime,
     Nonce,
     Realm,
@@ -451,3 +452,47 @@ async def test_turn_server_gso_unreachable_peer_does_not_cost_another_peer_a_dat
         finally:
             client.close()
             live.close()
+
+
+@pytest.mark.parametrize("use_gso", [True, False], ids=["gso", "no-gso"])
+@asynctest
+async def test_turn_server_send_indication_burst_goes_out_in_gso_runs_in_order(
+    use_gso: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Send indications (RFC 8656 §11.2) batch like ChannelData: a burst to one peer leaves
+    in GSO runs, every datagram intact and in order and counted by the core; one with
+    DONT-FRAGMENT in the middle is sent on its own, after what came before it."""
+    if not use_gso:
+        monkeypatch.setattr(turn_server_module, "_gso_available", lambda: False)
+    async with turn_server() as server:
+        client = Client(server.udp_addresses[0])
+        peer = udp_socket("127.0.0.1")
+        try:
+            relayed = await client.allocate()
+            await client.permit(address(peer))
+            recorder = Recorder(monkeypatch, server._udp[relayed])
+            stats = server.core.stats
+            packets = stats.packets_to_peers
+            sizes = [800] * 12 + [300] + [800] * 6
+            df_at = 15  # this one asks for DONT-FRAGMENT: it is sent by itself
+            for n, size in enumerate(sizes):
+                extra: list[Attribute] = [DontFragment()] if n == df_at else []
+                indication = Message(
+                    Method.SEND,
+                    MessageClass.INDICATION,
+                    n.to_bytes(12, "big"),
+                    [XorPeerAddress(address(peer)), Data(payload(3, n, size)), *extra],
+                )
+                client.sock.send(indication.encode())
+            got = await receive(peer, len(sizes))
+            assert got == [(payload(3, n, size), relayed) for n, size in enumerate(sizes)]
+            assert stats.packets_to_peers - packets == len(sizes)
+            assert server.send_errors == 0
+            if use_gso and gso():
+                recorder.check_shapes()
+                assert recorder.runs(address(peer)) == [[800] * 12 + [300], [800] * 2, [800] * 3]
+            else:
+                assert recorder.calls == []
+        finally:
+            client.close()
+            peer.close()

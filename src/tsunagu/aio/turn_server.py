@@ -961,10 +961,11 @@ class TurnServer:
     # -- the hot paths --------------------------------------------------------------------
 
     def _listen_readable(self, endpoint: _UdpEndpoint) -> None:
-        # The client side of the hot path: ChannelData goes from the core's fast path (which
-        # checks and counts each datagram) to a list, sent once the batch is read, so that
-        # runs for one peer leave in one GSO send (_send_to_peers); everything else goes
-        # through handle_datagram and _flush, after what was read before it is sent.
+        # The client side of the hot path: ChannelData and Send indications (without
+        # DONT-FRAGMENT) go from the core's fast paths (which check and count each datagram)
+        # to a list, sent once the batch is read, so that runs for one peer leave in one GSO
+        # send (_send_to_peers); everything else goes through handle_datagram and _flush,
+        # after what was read before it is sent.
         core = self.core
         recvfrom = endpoint.sock.recvfrom
         local = endpoint.address
@@ -989,15 +990,24 @@ class TurnServer:
                 if target is not None:
                     targets.append(target)
                 continue
-            if targets:  # keep each flow in order: what came before this goes first
-                self._send_to_peers(targets)
-                targets = []
             if data[:2] == _SEND_INDICATION:
                 sent = send_indication(data, local, remote, now)
                 if sent is not False:
-                    if sent is not None and (relay := udp.get(sent[0])) is not None:
-                        self._send_udp(relay, sent[2], sent[1], sent[3])
+                    if sent is None:
+                        continue  # dropped (and counted) by the core
+                    relay_address, peer, payload, dont_fragment = sent
+                    if not dont_fragment:  # joins the batch, in order, like ChannelData
+                        targets.append((relay_address, peer, payload))
+                        continue
+                    if targets:  # keep each flow in order: what came before goes first
+                        self._send_to_peers(targets)
+                        targets = []
+                    if (relay := udp.get(relay_address)) is not None:
+                        self._send_udp(relay, payload, peer, dont_fragment)
                     continue
+            if targets:  # keep each flow in order: what came before this goes first
+                self._send_to_peers(targets)
+                targets = []
             core.handle_datagram(data, local, remote, now)
         if targets:
             self._send_to_peers(targets)
@@ -1006,7 +1016,8 @@ class TurnServer:
     def _send_to_peers(self, targets: list[tuple[Address, Address, bytes]]) -> None:
         """Send the ChannelData payloads of one batch: grouped by (relay socket, peer) in
         the order read (per-flow order holds; flows may interleave differently), each
-        group by :meth:`_send_batch`. ChannelData has no DONT-FRAGMENT: DF off (RFC 8656 §14)."""
+        group by :meth:`_send_batch`. Only payloads sent without DONT-FRAGMENT come here
+        (ChannelData has none; a Send indication may ask for it): DF off (RFC 8656 §14)."""
         udp = self._udp
         if len(targets) == 1:
             relay_address, peer, payload = targets[0]
