@@ -137,6 +137,18 @@ def aioice_on_loopback() -> Iterator[None]:
 # --- one pair of each library ------------------------------------------------------------
 
 
+async def signal_both(a: Any, b: Any) -> None:
+    """What a signalling channel does, the same for both libraries (tsunagu's
+    IceConnection and aioice's Connection share these names): credentials, then every
+    candidate and end-of-candidates, both ways."""
+    a.remote_username, a.remote_password = b.local_username, b.local_password
+    b.remote_username, b.remote_password = a.local_username, a.local_password
+    for me, other in ((a, b), (b, a)):
+        for candidate in other.local_candidates:
+            await me.add_remote_candidate(candidate)
+        await me.add_remote_candidate(None)
+
+
 @dataclass(frozen=True)
 class Relay:
     """The coturn both libraries allocate on (relay-only mode)."""
@@ -220,14 +232,7 @@ class TsunaguPair(Pair):
         try:
             await asyncio.gather(a.gather(), b.gather())
             gathered = time.perf_counter() - start
-            a.set_remote_credentials(b.local_username, b.local_password)
-            b.set_remote_credentials(a.local_username, a.local_password)
-            for candidate in b.local_candidates:
-                await a.add_remote_candidate(candidate)
-            await a.add_remote_candidate(None)
-            for candidate in a.local_candidates:
-                await b.add_remote_candidate(candidate)
-            await b.add_remote_candidate(None)
+            await signal_both(a, b)
             await asyncio.gather(a.connect(), b.connect())
             connected = time.perf_counter() - start
         except BaseException:
@@ -301,14 +306,7 @@ class AioicePair(Pair):
         try:
             await asyncio.gather(a.gather_candidates(), b.gather_candidates())
             gathered = time.perf_counter() - start
-            a.remote_username, a.remote_password = b.local_username, b.local_password
-            b.remote_username, b.remote_password = a.local_username, a.local_password
-            for candidate in b.local_candidates:
-                await a.add_remote_candidate(candidate)
-            await a.add_remote_candidate(None)
-            for candidate in a.local_candidates:
-                await b.add_remote_candidate(candidate)
-            await b.add_remote_candidate(None)
+            await signal_both(a, b)
             await asyncio.gather(a.connect(), b.connect())
             connected = time.perf_counter() - start
         except BaseException:
