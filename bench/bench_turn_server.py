@@ -33,9 +33,16 @@ Pinned rounds (a machine with 2+ cores): each server alone on core 1 (``taskset`
 generator, senders and sink on core 0. Both servers run at once, on their own ports and
 relay port ranges, and the ``--repeats`` alternate between them, so that a neighbour's
 burst of CPU falls on both alike; the median run is printed. ``--workers N`` (default 2;
-0: none) adds unpinned rounds of alloc and relay: ``tsunagu turn-server --workers N``
-against coturn with its default relay threads (one per core), the load unpinned too; the
-client addresses are spread over tsunagu's workers (it steers by client IP).
+0: none) adds rounds of alloc and relay with the servers unpinned: ``tsunagu turn-server
+--workers N`` against coturn with its default relay threads (one per core); the client
+addresses are spread over tsunagu's workers (it steers by client IP). ``--workers-load``
+says where the load runs in those rounds: "pinned", on core 0 as in the pinned rounds, so
+that the generator's share of the machine is the same whichever server is measured, and
+"unpinned". Unpinned, the blasters (which send as fast as they can) compete with the
+server for both cores, and how much of the machine they get depends on how the scheduler
+treats the server under test: that round measures the scheduler as much as the server. On
+a 2-core machine the load keeps about one core busy either way, so these rounds show each
+server's threads or processes sharing the machine with the load, not scaling to spare cores.
 
 Noise: "server CPU" is the server's CPU time over the run as a share of one core (near
 100 % pinned: the server was the limit), "per CPU-s" the work done per second of the
@@ -49,7 +56,8 @@ allocation quotas raised past the counts used; coturn has no such limits by defa
 Loopback only; every process is bounded in time and stopped by the harness.
 
     .venv/bin/python bench/bench_turn_server.py [--parts alloc,memory,relay]
-        [--repeats 5] [--workers 2] [--alloc-seconds 2] [--window 64]
+        [--repeats 5] [--workers 2] [--workers-load pinned,unpinned]
+        [--alloc-seconds 2] [--window 64]
         [--counts 2000,10000] [--seconds 2] [--senders 2] [--sizes 1200]
         [--paths channel] [--json FILE]
 """
@@ -746,17 +754,26 @@ def spread_sources(count: int, workers: int) -> list[str]:
 # --- main ------------------------------------------------------------------------------------
 
 
+# Result key suffixes and how the summary labels them.
+SUMMARY_ROUNDS = (
+    ("", ""),
+    ("_workers_pinned", ", load on core 0"),
+    ("_workers_unpinned", ", load unpinned"),
+)
+
+
 def summary(results: dict[str, Any]) -> None:
     """One table of the headline ratios."""
     rows: list[list[str]] = []
-    for key, label in (("alloc", "allocations/s"), ("alloc_workers", "allocations/s")):
-        runs = results.get(key)
+    for key, suffix in SUMMARY_ROUNDS:
+        runs = results.get(f"alloc{key}")
         if runs:
             names = list(runs)
             ours, theirs = (statistics.median(r.per_s for r in runs[n]) for n in names[:2])
             rows.append(
-                [f"{label} ({names[0]})", f"{theirs:,.0f}", f"{ours:,.0f}", ratio(ours, theirs)]
-            )
+                [f"allocations/s ({names[0]}{suffix})", f"{theirs:,.0f}", f"{ours:,.0f}",
+                 ratio(ours, theirs)]
+            )  # fmt: skip
     memory = {run.server: run for run in results.get("memory", [])}
     theirs_run = memory.pop("coturn", None)
     for ours_run in memory.values() if theirs_run is not None else ():
@@ -766,8 +783,8 @@ def summary(results: dict[str, Any]) -> None:
                 [f"bytes per allocation, {a.held} held ({ours_run.server})", f"{theirs_b:,.0f}",
                  f"{ours_b:,.0f}", ratio(ours_b, theirs_b)]
             )  # fmt: skip
-    for key in ("relay", "relay_workers"):
-        runs = results.get(key) or []
+    for key, suffix in SUMMARY_ROUNDS:
+        runs = results.get(f"relay{key}") or []
         for ours in runs:
             if ours.server.startswith("coturn"):
                 continue
@@ -781,7 +798,7 @@ def summary(results: dict[str, Any]) -> None:
             )
             if theirs is not None:
                 rows.append(
-                    [f"relayed pkt/s, {ours.path} {ours.size} B ({ours.server})",
+                    [f"relayed pkt/s, {ours.path} {ours.size} B ({ours.server}{suffix})",
                      f"{theirs.relayed_pps:,.0f}", f"{ours.relayed_pps:,.0f}",
                      ratio(ours.relayed_pps, theirs.relayed_pps)]
                 )  # fmt: skip
@@ -796,6 +813,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="runs per cell (median)")
     parser.add_argument(
         "--workers", type=int, default=2, help="also tsunagu --workers N, unpinned (0: no)"
+    )
+    parser.add_argument(
+        "--workers-load",
+        default="pinned,unpinned",
+        help="--workers rounds: the load on core 0 (pinned) and/or unpinned",
     )
     parser.add_argument("--alloc-seconds", type=float, default=2.0, help="alloc run length")
     parser.add_argument("--window", type=int, default=64, help="alloc sessions in flight")
@@ -816,6 +838,8 @@ def main() -> None:
     counts = [int(c) for c in args.counts.split(",")]
     if counts != sorted(set(counts)) or counts[0] <= WARMUP_ALLOCATIONS or counts[-1] > 15000:
         parser.error(f"--counts: increasing, each within {WARMUP_ALLOCATIONS + 1}..15000")
+    if not set(args.workers_load.split(",")) <= {"pinned", "unpinned"}:
+        parser.error("--workers-load takes pinned and/or unpinned")
     if not set(args.paths.split(",")) <= {"channel", "send"}:
         parser.error("--paths takes channel and/or send")
     if shutil.which("turnserver") is None:
@@ -840,6 +864,16 @@ def main() -> None:
             Contender("coturn", coturn_command, PORT_RANGES["coturn"]),
         ]
         w = args.workers
+        # The --workers rounds: the servers unpinned, the load on core 0 ("pinned") and/or
+        # unpinned as well.
+        workers_loads = [
+            m for m in args.workers_load.split(",") if w > 1 and (pinned or m != "pinned")
+        ]
+
+        def workers_title(mode: str) -> str:
+            where = "the load on core 0" if mode == "pinned" else "the load unpinned too"
+            return f"tsunagu --workers {w} vs coturn (its default threads), unpinned; {where}"
+
         workers_pair = [
             Contender(f"tsunagu-w{w}", tsunagu(w), PORT_RANGES["tsunagu"]),
             Contender("coturn", coturn_command, PORT_RANGES["coturn"]),
@@ -853,14 +887,14 @@ def main() -> None:
                 server_core=server_core,
                 load_core=load_core,
             )
-            if w > 1:
-                results["alloc_workers"] = alloc_round(
-                    f"unpinned, tsunagu --workers {w} vs coturn (its default threads)",
+            for mode in workers_loads:
+                results[f"alloc_workers_{mode}"] = alloc_round(
+                    workers_title(mode),
                     workers_pair,
                     args,
                     binary,
                     server_core=None,
-                    load_core=None,
+                    load_core=load_core if mode == "pinned" else None,
                 )
         if "memory" in parts:
             memory = [Contender(c.name, c.command, MEMORY_PORTS) for c in pair]
@@ -881,12 +915,13 @@ def main() -> None:
                     server_core=server_core,
                     load=load,
                 )
-                if w > 1:
+                spread = spread_sources(max(args.senders, w), w) if w > 1 else []
+                for mode in workers_loads:
                     spread_load = Load(
-                        binary, sink, spread_sources(max(args.senders, w), w), None, args.seconds
+                        binary, sink, spread, load_core if mode == "pinned" else None, args.seconds
                     )
-                    results["relay_workers"] = relay_round(
-                        f"unpinned, tsunagu --workers {w} vs coturn (its default threads)",
+                    results[f"relay_workers_{mode}"] = relay_round(
+                        workers_title(mode),
                         workers_pair,
                         args,
                         server_core=None,
