@@ -7,6 +7,8 @@ import hashlib
 import hmac
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tsunagu.errors import TsunaguError
 from tsunagu.stun.credentials import (
@@ -16,6 +18,7 @@ from tsunagu.stun.credentials import (
     NonceStatus,
     PasswordAlgorithm,
     SecurityFeatures,
+    _enforce_opaque_string,
     constant_time_equal,
     long_term_key,
     opaque_string,
@@ -113,6 +116,28 @@ def test_credential_error_is_typed() -> None:
         opaque_string("")
     with pytest.raises(ValueError):
         opaque_string("")
+
+
+def test_printable_ascii_is_left_as_it_is_by_the_whole_profile() -> None:
+    # opaque_string returns printable ASCII unchanged without running the profile; the
+    # profile, run in full, must agree for every such code point, alone and among others.
+    every = "".join(chr(cp) for cp in range(0x20, 0x7F))
+    for s in [*every, every, " x ", "~!@#$%^&*()_+`-={}|[]\\:\";'<>?,./"]:
+        assert _enforce_opaque_string(s) == s
+        assert opaque_string(s) == s
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=0x00, max_codepoint=0x7F), min_size=1))
+def test_the_ascii_shortcut_agrees_with_the_profile(s: str) -> None:
+    try:
+        expected: str | type[CredentialError] = _enforce_opaque_string(s)
+    except CredentialError:
+        expected = CredentialError
+    if expected is CredentialError:
+        with pytest.raises(CredentialError):
+            opaque_string(s)
+    else:
+        assert opaque_string(s) == expected
 
 
 def test_opaque_string_is_idempotent() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
+import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from tsunagu.ice import (
     TransportProtocol,
 )
 from tsunagu.ice.checks import check_request
+from tsunagu.ice.consent import ConsentFreshness, SystemJitter
 from tsunagu.ice.errors import SdpError
 from tsunagu.stun import (
     ErrorCodeAttr,
@@ -1000,6 +1002,26 @@ def test_consent_requests_are_jittered_and_loss_stops_sending() -> None:
     # Nothing at all goes to the peer after consent was lost.
     lost_at = max(when for when, t in wire.sent[id(a)] if t.remote[0] == "10.0.0.2")
     assert lost_at <= cut + 30.0 + 1e-6
+
+
+def test_default_consent_jitter_comes_from_the_system_and_stays_in_bounds() -> None:
+    # Agents built without an rng share a stateless SystemJitter (secrets), not a
+    # Mersenne Twister each; its draws must still be uniform over [0.8, 1.2] x 5 s.
+    draws = [
+        ConsentFreshness(
+            100.0,
+            interval=5.0,
+            jitter=0.2,
+            timeout=30.0,
+            disconnected_timeout=10.0,
+            rng=SystemJitter(),
+        ).next_request
+        - 100.0
+        for _ in range(2000)
+    ]
+    assert all(4.0 <= d <= 6.0 for d in draws)
+    assert min(draws) < 4.1 and max(draws) > 5.9  # the whole range is used
+    assert 4.9 < statistics.fmean(draws) < 5.1
 
 
 def test_consent_recovers_from_a_short_outage() -> None:

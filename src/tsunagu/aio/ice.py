@@ -42,6 +42,7 @@ from typing import Generic, TypeVar
 
 from tsunagu.aio.ice_mdns import MdnsCandidates
 from tsunagu.aio.ice_tcp import IceTcp
+from tsunagu.aio.inbox import Inbox
 from tsunagu.aio.interfaces import (
     HostAddress,
     PortRangeExhaustedError,
@@ -334,7 +335,7 @@ class IceConnection:
         self._relays: list[TurnDatagramTransport] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._received: asyncio.Queue[tuple[bytes, int] | None] = asyncio.Queue()
+        self._received: Inbox[tuple[bytes, int]] = Inbox()
         self._gathered: asyncio.Future[None] | None = None
         self._connected: asyncio.Future[PairInfo] | None = None
         self._remote_username: str | None = None
@@ -648,13 +649,7 @@ class IceConnection:
     async def recvfrom(self) -> tuple[bytes, int]:
         """The next datagram of application data and its component (as aioice's
         ``Connection.recvfrom``); :class:`IceClosedError` once closed."""
-        if self._closed and self._received.empty():
-            raise IceClosedError("the connection is closed")
-        item = await self._received.get()
-        if item is None:
-            self._received.put_nowait(None)  # wake every other reader too
-            raise IceClosedError("the connection is closed")
-        return item
+        return await self._received.get()
 
     def local_candidates_trickled(self) -> IceStream[Candidate]:
         """Trickle ICE (RFC 8838): an async iterator over the local candidates of the
@@ -752,7 +747,7 @@ class IceConnection:
         if self._connected is not None and not self._connected.done():
             self._connected.set_exception(IceFailedError("closed before connecting"))
             self._connected.exception()
-        self._received.put_nowait(None)
+        self._received.fail(IceClosedError("the connection is closed"))
 
     # -- the driver ---------------------------------------------------------------------------
 
@@ -859,7 +854,7 @@ class IceConnection:
         if self._tcp is not None and self._tcp.handle_event(event):
             return
         if isinstance(event, DataReceived):
-            self._received.put_nowait((event.data, event.component))
+            self._received.put((event.data, event.component))
             return
         if isinstance(event, GatheringComplete):
             if self._gathered is not None and not self._gathered.done():

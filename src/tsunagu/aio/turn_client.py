@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar, cast
 
+from tsunagu.aio.inbox import Inbox
 from tsunagu.errors import LocalProtocolError, TsunaguError, TurnError
 from tsunagu.stun.attributes import Address
 from tsunagu.stun.constants import DEFAULT_PORT, DEFAULT_TLS_PORT
@@ -157,8 +158,7 @@ class TurnClient:
         self._outcome: asyncio.Future[ev.Allocated | ev.AlternateServer] | None = None
         self._closed: asyncio.Future[ev.Closed] | None = None
         self._error: TsunaguError | None = None
-        self._inbox: deque[tuple[bytes, Address]] = deque()
-        self._readers: deque[asyncio.Future[None]] = deque()
+        self._inbox: Inbox[tuple[bytes, Address]] = Inbox()
         self._permission_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._endpoint: asyncio.DatagramProtocol | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -388,20 +388,9 @@ class TurnClient:
 
     async def recv_from(self) -> tuple[bytes, Address]:
         """The next datagram a peer sent to the relayed address, and that peer's address."""
-        loop = self._loop
-        while not self._inbox:
-            if self._error is not None:
-                raise self._error
-            if loop is None:
-                raise LocalProtocolError("the TURN client is not connected")
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._readers.append(waiter)
-            try:
-                await waiter
-            finally:
-                if waiter in self._readers:
-                    self._readers.remove(waiter)
-        return self._inbox.popleft()
+        if not self._inbox and self._error is None and self._loop is None:
+            raise LocalProtocolError("the TURN client is not connected")
+        return await self._inbox.get()
 
     async def create_datagram_endpoint(
         self, protocol_factory: Callable[[], _P]
@@ -418,8 +407,7 @@ class TurnClient:
         transport = TurnDatagramTransport(self, protocol)
         self._endpoint = protocol
         protocol.connection_made(transport)
-        while self._inbox:
-            data, peer = self._inbox.popleft()
+        for data, peer in self._inbox.take_all():
             protocol.datagram_received(data, peer)
         return transport, protocol
 
@@ -605,11 +593,7 @@ class TurnClient:
             elif len(self._inbox) >= self._max_queued:
                 self.dropped += 1
             else:
-                self._inbox.append((event.data, event.peer))
-                if self._readers:
-                    reader = self._readers.popleft()
-                    if not reader.done():
-                        reader.set_result(None)
+                self._inbox.put((event.data, event.peer))
         elif isinstance(event, ev.PermissionCreated):
             for waiter in self._permission_waiters.pop(event.peer_ip, ()):
                 if not waiter.done():
@@ -659,10 +643,7 @@ class TurnClient:
             self._outcome.set_exception(error)
         if self._closed is not None and not self._closed.done():
             self._closed.set_result(ev.Closed(error))
-        while self._readers:
-            reader = self._readers.popleft()
-            if not reader.done():
-                reader.set_result(None)
+        self._inbox.fail(error)
         while self._acceptors:
             acceptor = self._acceptors.popleft()
             if not acceptor.done():

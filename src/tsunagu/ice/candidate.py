@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -98,11 +99,13 @@ def is_mdns_name(name: str) -> bool:
     return len(labels) >= 2 and all(_LABEL.fullmatch(label) for label in labels)
 
 
+@functools.lru_cache(maxsize=1024)
 def normalize_ip(text: str) -> str:
     """The canonical spelling of an IP literal (IPv6 compressed, lower case).
 
     Raises ValueError for anything that is not a plain IPv4 or IPv6 literal (zone IDs and
-    brackets included)."""
+    brackets included). Cached (failures are not): an agent parses the same few addresses
+    in every candidate, check and response, and ``ipaddress`` is slow at it."""
     if "%" in text or text.startswith("["):
         raise ValueError(f"not a plain IP literal: {text!r}")
     return str(ipaddress.ip_address(text))

@@ -8,7 +8,6 @@ The check list holds state only; sending, timing and transactions are the agent'
 from __future__ import annotations
 
 import ipaddress
-from collections import deque
 from collections.abc import Callable, Iterator
 
 from tsunagu.ice.candidate import Address, Candidate, CandidateType, TcpType, TransportProtocol
@@ -81,7 +80,7 @@ class CheckList:
         self.max_pairs = max_pairs
         self.controlling = controlling
         self.pairs: list[CandidatePair] = []
-        self.triggered: deque[CandidatePair] = deque()
+        self.triggered: list[CandidatePair] = []  # FIFO, short: a list is 700 B less
         self._index: dict[_PairKey, CandidatePair] = {}
         self._on_state = on_state
 
@@ -246,7 +245,7 @@ class CheckList:
         triggered queue; else the highest-priority Waiting pair; else, after unfreezing one
         pair per idle foundation, the highest-priority Waiting pair."""
         while self.triggered:
-            pair = self.triggered.popleft()
+            pair = self.triggered.pop(0)
             if pair.state is PairState.WAITING or (
                 pair.nominating and pair.state is PairState.SUCCEEDED
             ):

@@ -245,6 +245,17 @@ def opaque_string(s: str) -> str:
     """
     if not s:
         raise CredentialError("OpaqueString does not allow an empty string")  # RFC 8265 §4.2.3
+    if s.isascii() and s.isprintable():
+        # U+0020-U+007E only: every one is PVALID in the FreeformClass (RFC 8264 §9.11
+        # ASCII7, §9.14 Spaces), none is a non-ASCII space to map, and NFC leaves ASCII as
+        # it is, so the profile returns the string unchanged. ICE passwords (ice-chars)
+        # and most STUN passwords take this path, which is what an agent pays per session.
+        return s
+    return _enforce_opaque_string(s)
+
+
+def _enforce_opaque_string(s: str) -> str:
+    """RFC 8265 §4.2.3 enforcement of a non-empty string, every step of it."""
     # RFC 8265 §4.2.3: enforcement first prepares (the input must be FreeformClass) ...
     _check_freeform(s)
     # ... then applies the rules. RFC 8264 §7: repeat until stable, rejecting a string that has

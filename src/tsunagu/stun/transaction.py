@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import deque
 from dataclasses import dataclass
 
 from tsunagu.errors import LocalProtocolError
@@ -131,8 +130,9 @@ class TransactionManager:
         # whose generation no longer matches its transaction's is stale and skipped.
         self._timers: list[tuple[float, int, int, _Transaction]] = []
         self._order = itertools.count()
-        self._transmits: deque[tuple[_Transaction, bytes, Address]] = deque()
-        self._events: deque[TransactionTimedOut] = deque()
+        # FIFOs of a few items between polls: lists, 700 B smaller than empty deques each.
+        self._transmits: list[tuple[_Transaction, bytes, Address]] = []
+        self._events: list[TransactionTimedOut] = []
 
     @property
     def config(self) -> TransactionConfig:
@@ -246,14 +246,14 @@ class TransactionManager:
     def poll_transmit(self) -> tuple[bytes, Address] | None:
         """The next datagram to send, as (request bytes, remote address), or None."""
         while self._transmits:
-            tx, data, remote = self._transmits.popleft()
+            tx, data, remote = self._transmits.pop(0)
             if not tx.done:
                 return data, remote
         return None
 
     def poll_event(self) -> TransactionTimedOut | None:
         """The next timeout event, or None."""
-        return self._events.popleft() if self._events else None
+        return self._events.pop(0) if self._events else None
 
     def poll_timeout(self) -> float | None:
         """Absolute time of the next deadline, or None when nothing is outstanding."""
