@@ -7,6 +7,7 @@ The check list holds state only; sending, timing and transactions are the agent'
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable, Iterator
 
@@ -25,8 +26,9 @@ _TCP_PARTNER = {
 }
 
 
+@functools.lru_cache(maxsize=1024)
 def _scope(ip: str) -> str:
-    """Loopback, link-local, or global (anything else)."""
+    """Loopback, link-local, or global (anything else). Cached: asked for every pair."""
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:

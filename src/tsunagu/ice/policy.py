@@ -11,6 +11,7 @@ by the IPv4 address inside them too, so ``::ffff:255.255.255.255`` is as unusabl
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -73,6 +74,13 @@ def address_problem(ip: str, port: int, policy: AddressPolicy) -> str | None:
     """Why (``ip``, ``port``) must not receive checks or data, or None if it may."""
     if not 0 < port <= 0xFFFF:
         return "port 0" if port == 0 else "invalid port"
+    return _ip_problem(ip, policy)
+
+
+@functools.lru_cache(maxsize=1024)
+def _ip_problem(ip: str, policy: AddressPolicy) -> str | None:
+    """:func:`address_problem` for the address alone; cached, as an agent asks about the
+    same few addresses for every candidate, check and datagram (``ipaddress`` is slow)."""
     try:
         address: IPAddress = ipaddress.ip_address(ip)
     except ValueError:
