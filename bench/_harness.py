@@ -42,6 +42,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 BUILD_DIR = BENCH_DIR / "build"
 STUNLOAD_SRC = BENCH_DIR / "stunload.c"
+WIRE_H = BENCH_DIR / "wire.h"  # included by both generators
 STUNLOAD_BIN = BUILD_DIR / "stunload"
 TURNGEN_SRC = BENCH_DIR / "turngen.c"
 TURNGEN_BIN = BUILD_DIR / "turngen"
@@ -63,12 +64,14 @@ class HarnessError(RuntimeError):
 
 
 def build_c(source: Path, binary: Path, *, force: bool = False) -> Path:
-    """Compile a one-file C tool if the binary is missing or older than its source.
+    """Compile a one-file C tool if the binary is missing or older than its source (or
+    than ``wire.h``, which the generators include).
 
     The compiler writes to a private temporary name that is then renamed into place, so two
     benchmarks building at once never run a half-written binary.
     """
-    up_to_date = binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime
+    changed = max(source.stat().st_mtime, WIRE_H.stat().st_mtime)  # what it includes too
+    up_to_date = binary.exists() and binary.stat().st_mtime >= changed
     if up_to_date and not force:
         return binary
     name = binary.name

@@ -47,6 +47,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "wire.h"
+
 #define STUN_HEADER 20
 #define MAGIC_COOKIE 0x2112A442u
 #define FINGERPRINT_XOR 0x5354554eu
@@ -129,24 +131,6 @@ static uint32_t crc32_ieee(const uint8_t *p, size_t n) {
     for (size_t i = 0; i < n; i++)
         c = crc_table[(c ^ p[i]) & 0xFFu] ^ (c >> 8);
     return c ^ 0xFFFFFFFFu;
-}
-
-static void put16(uint8_t *p, uint32_t v) {
-    p[0] = (uint8_t)(v >> 8);
-    p[1] = (uint8_t)v;
-}
-
-static void put32(uint8_t *p, uint32_t v) {
-    p[0] = (uint8_t)(v >> 24);
-    p[1] = (uint8_t)(v >> 16);
-    p[2] = (uint8_t)(v >> 8);
-    p[3] = (uint8_t)v;
-}
-
-static uint32_t get16(const uint8_t *p) { return ((uint32_t)p[0] << 8) | p[1]; }
-
-static uint32_t get32(const uint8_t *p) {
-    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
 }
 
 /* xorshift64*: the per-request random bytes need to be unpredictable-looking, not secret. */

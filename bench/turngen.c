@@ -60,6 +60,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "wire.h"
+
 #define BATCH 64
 #define MAGIC_COOKIE 0x2112A442u
 
@@ -94,24 +96,6 @@ static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-static void put16(uint8_t *p, uint32_t v) {
-    p[0] = (uint8_t)(v >> 8);
-    p[1] = (uint8_t)v;
-}
-
-static void put32(uint8_t *p, uint32_t v) {
-    p[0] = (uint8_t)(v >> 24);
-    p[1] = (uint8_t)(v >> 16);
-    p[2] = (uint8_t)(v >> 8);
-    p[3] = (uint8_t)v;
-}
-
-static uint32_t get16(const uint8_t *p) { return ((uint32_t)p[0] << 8) | p[1]; }
-
-static uint32_t get32(const uint8_t *p) {
-    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
 }
 
 static int parse_hex(const char *hex, uint8_t *out, size_t max) {
