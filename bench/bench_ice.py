@@ -1,7 +1,7 @@
 """ICE benchmark: tsunagu's IceConnection against aioice's Connection (the ICE agent aiortc
 uses), on loopback, in one run, ratios printed.
 
-Two parts (``--only time`` or ``--only scale`` runs one):
+Three parts (``--only time``, ``--only data`` or ``--only scale`` runs one):
 
 * time to a selected pair. One run creates two agents (controlling and controlled) of the
   same library, gathers both, signals credentials, candidates and end-of-candidates
@@ -13,6 +13,11 @@ Two parts (``--only time`` or ``--only scale`` runs one):
   runs per library and mode, alternating the libraries run by run, after one warm-up run
   each; median, p90, min and max are printed, and the median ratio against the target
   (tsunagu at most 0.5x aioice's time).
+* data: the application-data path of a connected host-only pair, as a media stack uses
+  it: ``--datagrams`` datagrams of 1000 bytes from the controlling agent to the other, in
+  windows of 32 (32 ``send()`` calls, then 32 ``recv()`` calls on the far side), both
+  agents in one process; datagrams per second and per CPU-second, ``--data-runs`` runs
+  per library, alternating, median printed.
 * scale: ``--agents`` agents of one library in one process (a fresh child process per
   library, so neither inherits the other's heap): ``--agents``/2 pairs gather, connect
   and exchange a few datagrams on loopback, all at once, then sit idle for ``--idle``
@@ -20,7 +25,7 @@ Two parts (``--only time`` or ``--only scale`` runs one):
   setup, its CPU % while idle, RSS growth per agent, and (in a second child with
   tracemalloc on, so the tracing cost never pollutes the CPU figures) the traced peak.
 
-    .venv/bin/python bench/bench_ice.py [--runs 20] [--agents 500] [--only time|scale]
+    .venv/bin/python bench/bench_ice.py [--runs 20] [--agents 500] [--only time|data|scale]
 
 Both libraries run with their defaults and on the same event loop (uvloop when installed,
 ``--loop asyncio`` for the standard one); the timing knobs in which their defaults differ
@@ -80,6 +85,7 @@ TARGET = 0.5  # tsunagu's median time to a selected pair, as a share of aioice's
 RUN_LIMIT = 10.0  # seconds one timed run (two agents, gather to connected) may take
 SETUP_LIMIT = 90.0  # seconds the scale setup (all pairs) may take
 CLOSE_LIMIT = 30.0  # seconds closing every agent may take
+DATA_LIMIT = 60.0  # seconds one data run (all its windows) may take
 PACKETS = 3  # datagrams each way per pair after connecting
 FDS_PER_AGENT = 2  # a host socket, plus headroom (TURN sockets, loop internals)
 
@@ -471,6 +477,67 @@ def print_discovery_cost() -> None:
     print()
 
 
+DATA_SIZE = 1000  # bytes per datagram: a typical RTP packet of a video call
+DATA_WINDOW = 32  # datagrams sent before the far side reads them
+
+
+async def data_run(library: str, datagrams: int, tuning: Tuning) -> tuple[float, float]:
+    """One data run: datagrams per second of wall time and of this process's CPU time."""
+    pair, _ = await bounded(start_pair(library, "host", None, tuning), RUN_LIMIT)
+    try:
+        await bounded(exchange(pair, 2), RUN_LIMIT)  # warm: the pair is in use both ways
+        # RTP's first byte (version 2): RFC 7983 demultiplexing reads 0-3 as STUN.
+        payload = b"\x80" + bytes(DATA_SIZE - 1)
+
+        async def stream() -> None:
+            for _ in range(datagrams // DATA_WINDOW):
+                for _ in range(DATA_WINDOW):
+                    await pair.send(True, payload)
+                for _ in range(DATA_WINDOW):
+                    if len(await pair.recv(False)) != DATA_SIZE:
+                        raise RuntimeError("datagram mismatch")
+
+        wall, cpu = time.perf_counter(), time.process_time()
+        await bounded(stream(), DATA_LIMIT)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    finally:
+        await bounded(pair.close(), CLOSE_LIMIT)
+    sent = datagrams // DATA_WINDOW * DATA_WINDOW
+    return sent / wall, sent / max(cpu, 1e-9)
+
+
+async def data_series(
+    runs: int, datagrams: int, tuning: Tuning
+) -> dict[str, list[tuple[float, float]]]:
+    series: dict[str, list[tuple[float, float]]] = {lib: [] for lib in LIBRARIES}
+    for run in range(runs):  # alternating, as the timed runs
+        for lib in LIBRARIES if run % 2 == 0 else LIBRARIES[::-1]:
+            series[lib].append(await data_run(lib, datagrams, tuning))
+    return series
+
+
+def run_data(args: argparse.Namespace, tuning: Tuning) -> None:
+    with aioice_on_loopback():
+        series = run_on(args.loop, data_series(args.data_runs, args.datagrams, tuning))
+    print(
+        f"Application data through a connected host-only pair on loopback: "
+        f"{args.datagrams} datagrams of {DATA_SIZE} bytes, windows of {DATA_WINDOW}; "
+        f"event loop {args.loop}; median of {args.data_runs} runs per library, alternating"
+    )
+    medians = {
+        lib: (
+            statistics.median(r for r, _ in runs),
+            statistics.median(c for _, c in runs),
+        )
+        for lib, runs in series.items()
+    }
+    rows = [(lib, f"{rate:,.0f}", f"{per_cpu:,.0f}") for lib, (rate, per_cpu) in medians.items()]
+    ours, theirs = medians["tsunagu"], medians["aioice"]
+    rows.append(("tsunagu / aioice", f"{ours[0] / theirs[0]:.2f}x", f"{ours[1] / theirs[1]:.2f}x"))
+    print_table(["library", "datagrams/s", "per CPU-s"], rows)
+    print()
+
+
 def run_time(args: argparse.Namespace, tuning: Tuning) -> None:
     modes = [m for m in MODES if m in args.modes.split(",")]
     results: dict[str, dict[str, Series]] = {}
@@ -805,7 +872,9 @@ def main() -> None:
     parser.add_argument(
         "--scale-repeats", type=int, default=3, help="processes per library (scale part)"
     )
-    parser.add_argument("--only", choices=("time", "scale"), help="run one part")
+    parser.add_argument("--only", choices=("time", "data", "scale"), help="run one part")
+    parser.add_argument("--datagrams", type=int, default=20000, help="data part: per run")
+    parser.add_argument("--data-runs", type=int, default=5, help="data part: runs per library")
     parser.add_argument("--modes", default="host,relay", help="time part: host,relay")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default=default_loop())
     parser.add_argument(
@@ -823,6 +892,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.runs < 1 or args.agents < 2 or args.scale_repeats < 1 or not 0 <= args.idle <= 120:
         parser.error("need --runs, --scale-repeats >= 1, --agents >= 2, 0 <= --idle <= 120")
+    if not DATA_WINDOW <= args.datagrams <= 1_000_000 or not 1 <= args.data_runs <= 50:
+        parser.error(f"need {DATA_WINDOW} <= --datagrams <= 1000000, 1 <= --data-runs <= 50")
     tuning = Tuning(args.tsunagu_ta, args.tsunagu_nomination)
     raise_fd_limit(FDS_PER_AGENT * args.agents + 256)
     if args.scale_child is not None:
@@ -835,6 +906,8 @@ def main() -> None:
     print()
     if args.only in (None, "time"):
         run_time(args, tuning)
+    if args.only in (None, "data"):
+        run_data(args, tuning)
     if args.only in (None, "scale"):
         run_scale(args)
 

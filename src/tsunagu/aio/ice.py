@@ -76,6 +76,7 @@ from tsunagu.ice.events import (
 from tsunagu.ice.pair import PairInfo
 from tsunagu.ice.policy import address_problem
 from tsunagu.ice.servers import IceServer, IceTransportPolicy, TurnServer, split_ice_servers
+from tsunagu.ice.transmit import Transmit
 from tsunagu.mdns.responder import MdnsConfig
 
 __all__ = [
@@ -184,19 +185,31 @@ def default_host_addresses(*, allow_loopback: bool = False, use_ipv6: bool = Tru
     ]
 
 
+_REMOTES_KEPT = 64  # sender addresses a host socket keeps normalised
+
+
 class _HostProtocol(asyncio.DatagramProtocol):
     """One host socket: every datagram goes to the agent with the base it arrived on."""
 
     def __init__(self, connection: IceConnection) -> None:
         self._connection = connection
         self.base: Address | None = None
+        # The loop's sender addresses, normalised once each: a pair sends from one.
+        self._remotes: dict[tuple[str | int, ...], Address] = {}
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        if self.base is not None:
+        if self.base is None:
+            return
+        remote = self._remotes.get(addr)
+        if remote is None:
             # A link-local sender is on this socket's interface: its zone, should a loop
             # spell one, says nothing more (candidates carry plain addresses).
             ip = str(addr[0]).partition("%")[0]
-            self._connection._on_datagram(data, self.base, (normalize_ip(ip), int(addr[1])))
+            remote = (normalize_ip(ip), int(addr[1]))
+            if len(self._remotes) >= _REMOTES_KEPT:
+                self._remotes.clear()  # bounded: a peer may send from any number
+            self._remotes[addr] = remote
+        self._connection._on_datagram(data, self.base, remote)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors (port unreachable, ...): the checks' retransmissions and timeouts
@@ -633,8 +646,15 @@ class IceConnection:
         the previous session's until the new one is selected)."""
         self._check_open()
         self._bind_loop()
-        self._agent.send(data, component)
-        self._service()
+        # Sending data queues no event and moves only the keepalive deadline, later
+        # (RFC 8445 §11): the armed timer may fire early, then handle_timeout does nothing
+        # and re-arms. This keeps poll_timeout(), which looks at every timer of the agent,
+        # off the data path.
+        transmit = self._agent.send_now(data, component)
+        if transmit is None:
+            self._flush_transmits()
+        else:
+            self._write(transmit)
 
     async def sendto(self, data: bytes, component: int) -> None:
         """:meth:`send` with aioice's ``Connection.sendto`` signature."""
@@ -816,8 +836,12 @@ class IceConnection:
     def _on_datagram(self, data: bytes, base: Address, remote: Address) -> None:
         if self._closed or self._loop is None:
             return
-        self._agent.handle_datagram(data, base, remote, clock())
-        self._service()
+        if self._agent.handle_datagram(data, base, remote, clock()):
+            # Application data: the core queued at most a DataReceived event, nothing to
+            # send and no timer to move (IceAgent.handle_datagram).
+            self._deliver_events()
+        else:
+            self._service()
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -833,22 +857,31 @@ class IceConnection:
         """Flush transmits, deliver events, re-arm the timer."""
         if self._closed:
             return
-        while (transmit := self._agent.poll_transmit()) is not None:
-            if transmit.transport is not TransportProtocol.UDP:
-                if self._tcp is not None:
-                    self._tcp.send(transmit)
-                continue
-            transport = self._transports.get(transmit.local)
-            if transport is not None and not transport.is_closing():
-                transport.sendto(transmit.data, transmit.remote)
-        while (event := self._agent.poll_event()) is not None:
-            self._deliver(event)
+        self._flush_transmits()
+        self._deliver_events()
         waiter = self._connected
         if waiter is not None and not waiter.done():
             pair = self._connected_pair()
             if pair is not None:
                 waiter.set_result(pair)
         self._rearm()
+
+    def _flush_transmits(self) -> None:
+        while (transmit := self._agent.poll_transmit()) is not None:
+            self._write(transmit)
+
+    def _write(self, transmit: Transmit) -> None:
+        if transmit.transport is not TransportProtocol.UDP:
+            if self._tcp is not None:
+                self._tcp.send(transmit)
+            return
+        transport = self._transports.get(transmit.local)
+        if transport is not None and not transport.is_closing():
+            transport.sendto(transmit.data, transmit.remote)
+
+    def _deliver_events(self) -> None:
+        while (event := self._agent.poll_event()) is not None:
+            self._deliver(event)
 
     def _deliver(self, event: IceEvent) -> None:
         if self._tcp is not None and self._tcp.handle_event(event):

@@ -509,23 +509,33 @@ class IceAgent:
 
     def send(self, data: bytes, component: int = 1) -> None:
         """Send application data over the selected pair of ``component`` (during a
-        restart, over the previous session's pair until the new one is selected). Raises
-        :class:`IceNotConnectedError` when there is none or consent was lost."""
+        restart, over the previous session's pair until the new one is selected): queued
+        for :meth:`poll_transmit`. Raises :class:`IceNotConnectedError` when there is
+        none or consent was lost."""
+        self._transmits.append(self._data_transmit(data, component))
+
+    def send_now(self, data: bytes, component: int = 1) -> Transmit | None:
+        """:meth:`send`, for a driver that sends at once: the UDP transmit to write now,
+        or None when it was queued instead (behind transmits not polled yet, which go
+        first, or on TCP, where poll_transmit frames it): then poll as usual. Sending data
+        moves no timer earlier (only the keepalive, later) and queues no event, so
+        nothing else needs polling for it."""
+        transmit = self._data_transmit(data, component)
+        if self._transmits or transmit.transport is not TransportProtocol.UDP:
+            self._transmits.append(transmit)
+            return None
+        return transmit
+
+    def _data_transmit(self, data: bytes, component: int) -> Transmit:
         pair = self._sending_pair(component) if not self._closed else None
         if pair is None:
             raise IceNotConnectedError(f"component {component} has no selected pair")
-        if pair.local.candidate.transport is TransportProtocol.TCP and len(data) > MAX_FRAME:
+        transport = pair.local.candidate.transport
+        if transport is TransportProtocol.TCP and len(data) > MAX_FRAME:
             raise LocalProtocolError(f"RFC 4571 frames carry at most {MAX_FRAME} bytes")
-        self._transmits.append(
-            Transmit(
-                data,
-                pair.local.base,
-                pair.remote.transport_address,
-                pair.local.candidate.transport,
-            )
-        )
         pair.bytes_sent += len(data)
         pair.last_sent = self._now
+        return Transmit(data, pair.local.base, pair.remote.transport_address, transport)
 
     def _sending_pair(self, component: int) -> CandidatePair | None:
         pair = self._session.selected.get(component)
@@ -584,22 +594,27 @@ class IceAgent:
         remote: Address,
         now: float,
         transport: TransportProtocol = TransportProtocol.UDP,
-    ) -> None:
+    ) -> bool:
         """A datagram (or RFC 4571 frame) that arrived on the base ``local`` from
         ``remote``. STUN is processed; anything else is application data, delivered only
-        from a pair whose check has succeeded."""
+        from a pair whose check has succeeded.
+
+        Returns True for application data (delivered or dropped): it changes no ICE state,
+        so it queues no transmit and moves no timer, and a driver need not read
+        :meth:`poll_transmit` or :meth:`poll_timeout` again for it, only
+        :meth:`poll_event`."""
         if self._closed:
-            return
+            return False
         if transport is TransportProtocol.TCP and not self._tcp.is_open(local, remote):
-            return  # TCP traffic exists only on a connection of ours (handle_tcp_data)
+            return False  # TCP traffic exists only on a connection of ours (handle_tcp_data)
         self._advance(now)
         if data and data[0] < 4:  # RFC 7983 §7: 0-3 is STUN
             try:
                 message = Message.decode(data)
             except StunDecodeError:
-                return
+                return False
             if message.method != Method.BINDING or message.legacy:
-                return
+                return False
             if message.message_class is MessageClass.REQUEST:
                 self._handle_request(message, local, remote, now, transport)
             elif message.message_class is not MessageClass.INDICATION:
@@ -608,8 +623,9 @@ class IceAgent:
         else:
             # Application data changes no ICE state: no need to re-evaluate anything.
             self._handle_data(data, local, remote, transport)
-            return
+            return True
         self._update(now)
+        return False
 
     def handle_timeout(self, now: float) -> None:
         """Run every timer due at ``now``: retransmissions, the Ta tick, consent,
@@ -1349,12 +1365,16 @@ class IceAgent:
     def _handle_data(
         self, data: bytes, local: Address, remote: Address, transport: TransportProtocol
     ) -> None:
-        for session in self._sessions():
-            pair = session.usable.get((local, remote))
-            if pair is not None and pair.local.candidate.transport is transport:
-                pair.bytes_received += len(data)
-                self._events.append(DataReceived(data, pair.component))
-                return
+        key = (local, remote)
+        pair = self._session.usable.get(key)
+        previous = self._previous  # _sessions(), unrolled: this runs for every datagram
+        if previous is not None and (
+            pair is None or pair.local.candidate.transport is not transport
+        ):
+            pair = previous.usable.get(key)
+        if pair is not None and pair.local.candidate.transport is transport:
+            pair.bytes_received += len(data)
+            self._events.append(DataReceived(data, pair.component))
 
     # -- internals: gathering -----------------------------------------------------------------
 
