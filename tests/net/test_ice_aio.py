@@ -78,6 +78,42 @@ def test_two_connections_connect_and_exchange_data(first_controlling: bool) -> N
     bounded(test, LIMIT)
 
 
+def test_consent_keeps_running_while_data_flows() -> None:
+    # Data in and out skips the timer re-arm (IceConnection._service): the armed timer must
+    # still fire, so consent requests go on and get answered while both sides stream.
+    config = IceConfig(consent_interval=0.1, consent_jitter=0.1)
+
+    async def test() -> None:
+        async with (
+            IceConnection(
+                True, host_addresses=["127.0.0.1"], allow_loopback=True, config=config
+            ) as a,
+            IceConnection(
+                False, host_addresses=["127.0.0.1"], allow_loopback=True, config=config
+            ) as b,
+        ):
+            await asyncio.gather(a.gather(), b.gather())
+            await signal(a, b)
+            await asyncio.gather(a.connect(), b.connect())
+            before = [conn.selected_pair.responses_received for conn in (a, b)]  # type: ignore[union-attr]
+            loop = asyncio.get_running_loop()
+            until = loop.time() + 1.0
+            sent = 0
+            while loop.time() < until:  # bounded: one second of ping-pong
+                await a.send(b"\x80%d" % sent)
+                assert await b.recv() == b"\x80%d" % sent
+                await b.send(b"\x80%d" % sent)
+                assert await a.recv() == b"\x80%d" % sent
+                sent += 1
+            after = [conn.selected_pair.responses_received for conn in (a, b)]  # type: ignore[union-attr]
+            # About ten consent rounds in that second; each side saw several answered.
+            assert all(late - early >= 4 for early, late in zip(before, after, strict=True))
+            assert sent > 100
+            assert a.state in (IceTransportState.CONNECTED, IceTransportState.COMPLETED)
+
+    bounded(test, LIMIT)
+
+
 def test_trickled_candidates_after_credentials_connect() -> None:
     """Candidates given one by one after connect() started (trickle ICE)."""
 

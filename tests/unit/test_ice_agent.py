@@ -875,6 +875,61 @@ def test_two_agents_connect_and_exchange_data() -> None:
     assert info.rtt is not None and info.rtt == pytest.approx(0.02)
 
 
+def test_send_now_hands_data_over_unless_transmits_are_waiting() -> None:
+    wire, a, b = wired()
+    wire.run(2.0)
+    selected = a.selected_pair()
+    assert selected is not None
+    deadline = a.poll_timeout()
+    # Nothing queued: the transmit comes back to be written at once, counted as sent.
+    direct = a.send_now(b"\x80direct")
+    assert direct is not None and a.poll_transmit() is None
+    assert direct.data == b"\x80direct"
+    assert direct.local == selected.local.transport_address  # a host candidate: its own base
+    assert direct.remote == selected.remote.transport_address
+    assert a.poll_timeout() == deadline  # no timer moves earlier for data
+    # A transmit waiting (a check response, here) goes first: send_now queues behind it.
+    (request,) = [
+        t
+        for _, t in wire.sent[id(b)]
+        if t.data[0] < 4 and decode(t).message_class is MessageClass.REQUEST
+    ][-1:]
+    assert a.handle_datagram(request.data, request.remote, request.local, wire.now) is False
+    assert a.send_now(b"\x80queued") is None
+    first, second = a.poll_transmit(), a.poll_transmit()
+    assert first is not None and first.data[0] < 4  # the response
+    assert second is not None and second.data == b"\x80queued"
+    info = a.selected_pair()
+    assert info is not None and info.bytes_sent == len(b"\x80direct") + len(b"\x80queued")
+    with pytest.raises(IceNotConnectedError):
+        IceAgent(IceConfig(), controlling=True).send_now(b"\x80")
+
+
+def test_handle_datagram_says_which_datagrams_were_application_data() -> None:
+    wire, _, b = wired()
+    wire.run(2.0)
+    pair = b.selected_pair()
+    assert pair is not None
+    local, remote = pair.local.transport_address, pair.remote.transport_address  # host
+    assert b.handle_datagram(b"\x80media", local, remote, wire.now) is True
+    assert b.poll_transmit() is None
+    assert [e for e in drain_events(b) if isinstance(e, DataReceived)] == [
+        DataReceived(b"\x80media", 1)
+    ]
+    # From an address with no valid pair: still data (dropped), still nothing else to do.
+    assert b.handle_datagram(b"\x80stray", local, ("10.9.9.9", 9), wire.now) is True
+    assert drain_events(b) == []
+    # STUN, or bytes that fail to decode as STUN, are not application data.
+    assert b.handle_datagram(b"\x00\x01garbage", local, remote, wire.now) is False
+
+
+def drain_events(agent: IceAgent) -> list[IceEvent]:
+    events = []
+    while (event := agent.poll_event()) is not None:
+        events.append(event)
+    return events
+
+
 def test_regular_nomination_uses_use_candidate_once() -> None:
     wire, a, b = wired()
     wire.run(2.0)
