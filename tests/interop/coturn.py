@@ -22,7 +22,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ __all__ = [
     "REALM",
     "USER",
     "Coturn",
+    "PortTakenError",
     "TurnserverProcess",
     "coturn_fixture",
     "free_port",
@@ -124,23 +125,47 @@ def turnserver_binary() -> str:
     return binary
 
 
-class TurnserverProcess:
-    """A ``turnserver`` run with ``args``, its output in ``directory/turnserver.log``;
-    stopped again at once if it does not get ready (:meth:`_wait_ready`, which each kind
-    of server defines)."""
+class PortTakenError(Exception):
+    """turnserver could not bind a port that :func:`free_port` had found free: another
+    process took it in between (the OS hands out the same ephemeral ports)."""
 
-    def __init__(self, directory: Path, args: list[str]) -> None:
+
+class TurnserverProcess:
+    """A ``turnserver`` run with the arguments ``make_args()`` returns, its output in
+    ``directory/turnserver.log``; stopped again at once if it does not get ready
+    (:meth:`_wait_ready`, which each kind of server defines). When one of its ports was
+    taken between choosing it and binding it, ``make_args()`` is asked again (it picks new
+    ports) and the server restarted, up to ``ATTEMPTS`` times."""
+
+    ATTEMPTS = 3
+
+    def __init__(self, directory: Path, make_args: Callable[[], list[str]]) -> None:
         self.log = directory / "turnserver.log"
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        for _ in range(self.ATTEMPTS):
+            with self.log.open("wb") as log:
+                self.process = subprocess.Popen(make_args(), stdout=log, stderr=subprocess.STDOUT)
+            try:
+                self._wait_ready()
+                return
+            except PortTakenError:
+                self.stop()
+            except BaseException:
+                self.stop()
+                raise
+        pytest.fail(f"turnserver found a port taken {self.ATTEMPTS} times: {self._log_text()}")
 
     def _wait_ready(self) -> None:
         raise NotImplementedError
+
+    def _log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def _check_started(self) -> None:
+        """Fail at once if turnserver exited; raise PortTakenError if it cannot bind."""
+        if self.process.poll() is not None:
+            pytest.fail(f"turnserver exited: {self._log_text()}")
+        if "Address already in use" in self._log_text():
+            raise PortTakenError(self._log_text())
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -159,6 +184,11 @@ class Coturn(TurnserverProcess):
         binary = turnserver_binary()
         directory.mkdir(parents=True, exist_ok=True)
         self.cert, key = make_certificate(directory)
+        super().__init__(directory, lambda: self._args(binary, directory, key, permissive, quota))
+
+    def _args(
+        self, binary: str, directory: Path, key: Path, permissive: bool, quota: int | None
+    ) -> list[str]:
         self.port = free_port()
         self.tls_port = free_port()
         args = [
@@ -177,7 +207,7 @@ class Coturn(TurnserverProcess):
             args.append("--allow-loopback-peers")
         if quota is not None:
             args += ["--user-quota", str(quota)]
-        super().__init__(directory, args)
+        return args
 
     def _wait_ready(self) -> None:
         """Ready when a STUN Binding over UDP is answered and the TLS port accepts."""
@@ -186,8 +216,7 @@ class Coturn(TurnserverProcess):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             probe.settimeout(0.05)
             for _ in range(400):
-                if self.process.poll() is not None:
-                    pytest.fail(f"turnserver exited: {self.log.read_text(errors='replace')}")
+                self._check_started()
                 if time.monotonic() > deadline:
                     break
                 probe.sendto(request, ("127.0.0.1", self.port))
@@ -198,7 +227,7 @@ class Coturn(TurnserverProcess):
                 with contextlib.suppress(OSError):
                     socket.create_connection(("127.0.0.1", self.tls_port), timeout=1).close()
                     return
-        pytest.fail(f"turnserver did not become ready: {self.log.read_text(errors='replace')}")
+        pytest.fail(f"turnserver did not become ready: {self._log_text()}")
 
     def uri(self, transport: str, host: str = "127.0.0.1") -> str:
         literal = f"[{host}]" if ":" in host else host

@@ -68,15 +68,17 @@ class Coturn(TurnserverProcess):
     def __init__(self, directory: Path) -> None:
         binary = turnserver_binary()
         directory.mkdir(parents=True, exist_ok=True)
+        super().__init__(directory, lambda: self._args(binary, directory))
+
+    def _args(self, binary: str, directory: Path) -> list[str]:
         self.port, self.alt_port = _free_ports()
-        args = [
+        return [
             binary, "-n", "--no-cli", "--no-tls", "--no-dtls", "--stun-only",
             "--simple-log", "--log-file", "stdout",
             "--pidfile", str(directory / "turnserver.pid"),
             "--listening-ip", IPS[0], "--listening-ip", IPS[1],
             "--listening-port", str(self.port), "--alt-listening-port", str(self.alt_port),
         ]  # fmt: skip
-        super().__init__(directory, args)
 
     @property
     def primary(self) -> Address:
@@ -95,8 +97,7 @@ class Coturn(TurnserverProcess):
             for _ in range(400):
                 if not pending:
                     return
-                if self.process.poll() is not None:
-                    pytest.fail(f"turnserver exited: {self.log.read_text(errors='replace')}")
+                self._check_started()
                 if time.monotonic() > deadline:
                     break
                 request = Message(Method.BINDING, MessageClass.REQUEST, os.urandom(12))
@@ -107,7 +108,7 @@ class Coturn(TurnserverProcess):
                     continue
                 if Message.decode(data).transaction_id == request.transaction_id:
                     pending.remove((source[0], source[1]))
-        pytest.fail(f"turnserver did not become ready: {self.log.read_text(errors='replace')}")
+        pytest.fail(f"turnserver did not become ready: {self._log_text()}")
 
     def uri(self, query: str = "") -> str:
         return f"stun:{IPS[0]}:{self.port}{query}"
