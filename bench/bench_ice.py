@@ -87,6 +87,8 @@ SETUP_LIMIT = 90.0  # seconds the scale setup (all pairs) may take
 CLOSE_LIMIT = 30.0  # seconds closing every agent may take
 DATA_LIMIT = 60.0  # seconds one data run (all its windows) may take
 PACKETS = 3  # datagrams each way per pair after connecting
+DATA_SIZE = 1000  # data part: bytes per datagram, a typical RTP packet of a video call
+DATA_WINDOW = 32  # data part: datagrams sent before the far side reads them
 FDS_PER_AGENT = 2  # a host socket, plus headroom (TURN sockets, loop internals)
 
 T = TypeVar("T")
@@ -475,10 +477,6 @@ def print_discovery_cost() -> None:
         [(name, f"{seconds * 1e6:.0f}") for name, seconds in results.items()],
     )
     print()
-
-
-DATA_SIZE = 1000  # bytes per datagram: a typical RTP packet of a video call
-DATA_WINDOW = 32  # datagrams sent before the far side reads them
 
 
 async def data_run(library: str, datagrams: int, tuning: Tuning) -> tuple[float, float]:
