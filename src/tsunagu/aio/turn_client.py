@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -167,8 +166,7 @@ class TurnClient:
         # accept() (with the time they arrived), and the data connections opened.
         self._tls_name = self.target.host
         self._connect_waiters: dict[Address, asyncio.Future[int]] = {}
-        self._attempts: deque[tuple[ev.ConnectionAttempt, float]] = deque()
-        self._acceptors: deque[asyncio.Future[None]] = deque()
+        self._attempts: Inbox[tuple[ev.ConnectionAttempt, float]] = Inbox()
         self._data_links: set[_DataLink] = set()
         self.dropped = 0
         """Received datagrams (and RFC 6062 ConnectionAttempts) dropped because nobody took
@@ -449,17 +447,7 @@ class TurnClient:
         loop = self._loop
         assert loop is not None
         while True:
-            while not self._attempts:
-                if self._error is not None:
-                    raise self._error
-                waiter: asyncio.Future[None] = loop.create_future()
-                self._acceptors.append(waiter)
-                try:
-                    await waiter
-                finally:
-                    if waiter in self._acceptors:
-                        self._acceptors.remove(waiter)
-            attempt, received = self._attempts.popleft()
+            attempt, received = await self._attempts.get()
             if loop.time() - received >= CONNECTION_BIND_TIMEOUT:
                 continue
             reader, writer = await self._bind(attempt.connection_id, attempt.peer)
@@ -629,11 +617,7 @@ class TurnClient:
                 self.dropped += 1  # unclaimed, the server closes it after 30 s (§5.3)
                 return
             assert self._loop is not None
-            self._attempts.append((event, self._loop.time()))
-            if self._acceptors:
-                acceptor = self._acceptors.popleft()
-                if not acceptor.done():
-                    acceptor.set_result(None)
+            self._attempts.put((event, self._loop.time()))
 
     def _fail(self, error: TsunaguError) -> None:
         """The allocation is over: wake everyone who waits on it."""
@@ -644,10 +628,7 @@ class TurnClient:
         if self._closed is not None and not self._closed.done():
             self._closed.set_result(ev.Closed(error))
         self._inbox.fail(error)
-        while self._acceptors:
-            acceptor = self._acceptors.popleft()
-            if not acceptor.done():
-                acceptor.set_result(None)
+        self._attempts.fail(error)
         connectors, self._connect_waiters = self._connect_waiters, {}
         for connector in connectors.values():
             if not connector.done():
