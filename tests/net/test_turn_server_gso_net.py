@@ -193,6 +193,15 @@ def gso() -> bool:
     return turn_server_module._gso_available()
 
 
+@pytest.fixture(params=[True, False], ids=["gso", "no-gso"])
+def use_gso(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """The test runs twice: with UDP GSO where the kernel has it, and with it turned off
+    (every relayed datagram then goes out with a sendto of its own)."""
+    if not request.param:
+        monkeypatch.setattr(turn_server_module, "_gso_available", lambda: False)
+    return bool(request.param)
+
+
 async def two_peers(
     server: TurnServer, ip: str, *allocate: Attribute
 ) -> tuple[Client, Address, socket.socket, socket.socket]:
@@ -214,13 +223,10 @@ SECOND_RUNS = [[500] * 20, [1200] * 8]
 
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
-@pytest.mark.parametrize("use_gso", [True, False], ids=["gso", "no-gso"])
 @asynctest
 async def test_turn_server_channel_data_burst_reaches_each_peer_intact_and_in_order(
     family: str, use_gso: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not use_gso:
-        monkeypatch.setattr(turn_server_module, "_gso_available", lambda: False)
     ipv6 = family == "ipv6"
     ip = "::1" if ipv6 else "127.0.0.1"
     allocate = [RequestedAddressFamily(AddressFamily.IPV6)] if ipv6 else []
@@ -282,15 +288,12 @@ async def test_turn_server_gso_runs_stop_at_64_kib(monkeypatch: pytest.MonkeyPat
             other.close()
 
 
-@pytest.mark.parametrize("use_gso", [True, False], ids=["gso", "no-gso"])
 @asynctest
 async def test_turn_server_peer_bursts_reach_the_client_intact_and_in_order(
     use_gso: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Peer -> client: ChannelData frames (not padded over UDP, RFC 8656 §12.5) and Data
     indications, in GSO runs from the listening socket."""
-    if not use_gso:
-        monkeypatch.setattr(turn_server_module, "_gso_available", lambda: False)
     async with turn_server() as server:
         client = Client(server.udp_addresses[0])
         relayed = await client.allocate()
@@ -425,16 +428,12 @@ async def test_turn_server_batch_keeps_order_with_send_indications_and_a_refresh
             other.close()
 
 
-@pytest.mark.parametrize("use_gso", [True, False], ids=["gso", "no-gso"])
+@pytest.mark.usefixtures("use_gso")
 @asynctest
-async def test_turn_server_gso_unreachable_peer_does_not_cost_another_peer_a_datagram(
-    use_gso: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_turn_server_gso_unreachable_peer_does_not_cost_another_peer_a_datagram() -> None:
     """ICMP port unreachable from one peer is reported on the relay socket's next send
     (IP_RECVERR), which may be a GSO send to another peer: that run is sent again, one
     datagram at a time; without GSO, the datagram is sent again. Nothing is lost."""
-    if not use_gso:
-        monkeypatch.setattr(turn_server_module, "_gso_available", lambda: False)
     async with turn_server() as server:
         client, relayed, live, gone = await two_peers(server, "127.0.0.1")
         gone.close()  # its port now answers ICMP port unreachable
@@ -454,7 +453,6 @@ async def test_turn_server_gso_unreachable_peer_does_not_cost_another_peer_a_dat
             live.close()
 
 
-@pytest.mark.parametrize("use_gso", [True, False], ids=["gso", "no-gso"])
 @asynctest
 async def test_turn_server_send_indication_burst_goes_out_in_gso_runs_in_order(
     use_gso: bool, monkeypatch: pytest.MonkeyPatch
@@ -462,8 +460,6 @@ async def test_turn_server_send_indication_burst_goes_out_in_gso_runs_in_order(
     """Send indications (RFC 8656 §11.2) batch like ChannelData: a burst to one peer leaves
     in GSO runs, every datagram intact and in order and counted by the core; one with
     DONT-FRAGMENT in the middle is sent on its own, after what came before it."""
-    if not use_gso:
-        monkeypatch.setattr(turn_server_module, "_gso_available", lambda: False)
     async with turn_server() as server:
         client = Client(server.udp_addresses[0])
         peer = udp_socket("127.0.0.1")
