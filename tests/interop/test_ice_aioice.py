@@ -20,6 +20,7 @@ import pytest
 
 from tsunagu.aio.ice import IceConnection, TurnServer
 from tsunagu.ice.candidate import Candidate, CandidateType
+from tsunagu.ice.pair import PairInfo
 
 _TESTS = str(Path(__file__).resolve().parent.parent)
 if _TESTS not in sys.path:  # tests/aiotest.py and tests/loopback_servers.py
@@ -85,6 +86,22 @@ async def signal_and_connect(ours: IceConnection, theirs: aioice.Connection) -> 
         assert await ours.recv() == f"to tsunagu {i}".encode()
 
 
+async def relay_only_and_connect(
+    tsunagu_controlling: bool, relay: TurnServer, theirs: aioice.Connection
+) -> PairInfo:
+    """A relay-only tsunagu connection through ``relay`` gathers one relayed candidate and
+    connects to ``theirs`` (:func:`signal_and_connect`); its selected pair is returned."""
+    async with IceConnection(
+        tsunagu_controlling, turn_servers=[relay], relay_only=True, allow_loopback=True
+    ) as ours:
+        await asyncio.gather(ours.gather(), theirs.gather_candidates())
+        assert [c.type for c in ours.local_candidates] == [CandidateType.RELAYED]
+        await signal_and_connect(ours, theirs)
+        selected = ours.selected_pair
+        assert selected is not None and selected.local.type is CandidateType.RELAYED
+        return selected
+
+
 @pytest.mark.parametrize("tsunagu_controlling", [True, False])
 def test_tsunagu_and_aioice_connect_and_exchange_data(tsunagu_controlling: bool) -> None:
     async def test() -> None:
@@ -112,14 +129,7 @@ def test_tsunagu_relay_only_and_aioice(tsunagu_controlling: bool) -> None:
         theirs = aioice_connection(tsunagu_controlling)
         relay = TurnServer(f"turn:127.0.0.1:{server.udp_addresses[0][1]}", USER, PASSWORD)
         try:
-            async with IceConnection(
-                tsunagu_controlling, turn_servers=[relay], relay_only=True, allow_loopback=True
-            ) as ours:
-                await asyncio.gather(ours.gather(), theirs.gather_candidates())
-                assert [c.type for c in ours.local_candidates] == [CandidateType.RELAYED]
-                await signal_and_connect(ours, theirs)
-                selected = ours.selected_pair
-                assert selected is not None and selected.local.type is CandidateType.RELAYED
+            await relay_only_and_connect(tsunagu_controlling, relay, theirs)
         finally:
             await theirs.close()
             await server.close()
@@ -183,17 +193,9 @@ def test_both_relay_only_through_coturn(
         )
         relay = TurnServer(coturn.uri("udp"), coturn_process.USER, coturn_process.PASSWORD)
         try:
-            async with IceConnection(
-                tsunagu_controlling, turn_servers=[relay], relay_only=True, allow_loopback=True
-            ) as ours:
-                await asyncio.gather(ours.gather(), theirs.gather_candidates())
-                assert [c.type for c in ours.local_candidates] == [CandidateType.RELAYED]
-                assert [c.type for c in theirs.local_candidates] == ["relay"]
-                await signal_and_connect(ours, theirs)
-                selected = ours.selected_pair
-                assert selected is not None
-                assert selected.local.type is CandidateType.RELAYED
-                assert selected.remote.type is CandidateType.RELAYED
+            selected = await relay_only_and_connect(tsunagu_controlling, relay, theirs)
+            assert [c.type for c in theirs.local_candidates] == ["relay"]
+            assert selected.remote.type is CandidateType.RELAYED
         finally:
             await theirs.close()
 
