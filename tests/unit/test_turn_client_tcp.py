@@ -38,7 +38,7 @@ from tsunagu.stun.attributes import (
     XorRelayedAddress,
 )
 from tsunagu.stun.constants import MessageClass, Method
-from tsunagu.stun.credentials import long_term_key
+from tsunagu.stun.credentials import SecurityFeatures, long_term_key
 from tsunagu.stun.message import Message, error_response, success_response
 from tsunagu.stun.transaction import TransactionConfig
 from tsunagu.turn import client_events as ev
@@ -504,6 +504,18 @@ def test_401_gets_one_retry_with_this_connections_nonce() -> None:
     (failed,) = events(data)
     assert isinstance(failed, ev.ConnectionBindFailed)
     assert isinstance(failed.error, TurnError) and failed.error.code == 401
+    assert data.state is DataConnectionState.FAILED
+    assert data.poll_transmit() is None
+
+
+def test_bid_down_challenge_to_connection_bind_is_not_retried() -> None:
+    data = bound_handshake()
+    # The nonce cookie advertises PASSWORD-ALGORITHMS, the 401 carries none (RFC 8489 §9.2.5).
+    cookie = SecurityFeatures(password_algorithms=True).cookie() + "abcdef"
+    data.handle_data(challenge(bind_request(data), 401, nonce=cookie), 5.1)
+    (failed,) = events(data)
+    assert isinstance(failed, ev.ConnectionBindFailed)
+    assert "PASSWORD-ALGORITHMS" in str(failed.error)
     assert data.state is DataConnectionState.FAILED
     assert data.poll_transmit() is None
 

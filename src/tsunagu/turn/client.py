@@ -113,13 +113,12 @@ from tsunagu.stun.credentials import (
     CredentialError,
     PasswordAlgorithm,
     opaque_string,
-    parse_security_features,
 )
 from tsunagu.stun.framing import ChannelData, StreamFramer
 from tsunagu.stun.message import IntegrityAlgorithm, Message
 from tsunagu.stun.transaction import TransactionConfig, TransactionManager
 from tsunagu.turn import client_events as ev
-from tsunagu.turn.client_auth import LongTermAuth
+from tsunagu.turn.client_auth import LongTermAuth, password_algorithms_stripped
 from tsunagu.turn.tcp_client import DataConnection
 
 __all__ = [
@@ -850,9 +849,9 @@ class TurnClientConnection:
         error = message.error
         code = error.code if error is not None else None
         nonce = message.get(Nonce)
-        offered = message.get(PasswordAlgorithms)
-        features = parse_security_features(nonce.value) if nonce is not None else None
-        bid_down = features is not None and features.password_algorithms and offered is None
+        bid_down = nonce is not None and password_algorithms_stripped(
+            nonce.value, message.get(PasswordAlgorithms)
+        )
         if code in (401, 438):
             if not self._tm.handle_response(transaction_id, now):
                 return
@@ -929,16 +928,18 @@ class TurnClientConnection:
             self._request_failed(request, TurnError(code, reason), now)
             return
         request.challenges += 1
-        if old is not None and old.same_key(realm.value, offered):
-            old.nonce = nonce.value  # same key, fresh nonce
-        else:
-            try:
-                self._auth = LongTermAuth.from_challenge(
-                    self._username, self._password, realm.value, nonce.value, offered
-                )
-            except CredentialError as exc:
-                self._request_failed(request, TurnError(code, f"{reason} ({exc})"), now)
-                return
+        try:
+            self._auth = LongTermAuth.for_retry(
+                old,
+                self._username,
+                self._password,
+                realm=realm.value,
+                nonce=nonce.value,
+                offered=offered,
+            )
+        except CredentialError as exc:
+            self._request_failed(request, TurnError(code, f"{reason} ({exc})"), now)
+            return
         self._start(request, now)
 
     def _try_alternate(self, message: Message, reason: str, now: float) -> None:

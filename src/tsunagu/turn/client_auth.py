@@ -31,9 +31,16 @@ from tsunagu.stun.credentials import (
 )
 from tsunagu.stun.message import IntegrityAlgorithm
 
-__all__ = ["LongTermAuth"]
+__all__ = ["LongTermAuth", "password_algorithms_stripped"]
 
 _SUPPORTED_ALGORITHMS = frozenset(int(a) for a in PasswordAlgorithm)
+
+
+def password_algorithms_stripped(nonce: str, offered: PasswordAlgorithms | None) -> bool:
+    """The nonce cookie advertises PASSWORD-ALGORITHMS but the response carries none:
+    someone bid the client down (RFC 8489 §9.2.5: no retry, the response is ignored)."""
+    features = parse_security_features(nonce)
+    return features is not None and features.password_algorithms and offered is None
 
 
 @dataclass(slots=True)
@@ -86,6 +93,25 @@ class LongTermAuth:
             use_userhash=features is not None and features.username_anonymity,
             integrity=integrity,
         )
+
+    @classmethod
+    def for_retry(
+        cls,
+        current: LongTermAuth | None,
+        username: str,
+        password: str,
+        *,
+        realm: str,
+        nonce: str,
+        offered: PasswordAlgorithms | None,
+    ) -> LongTermAuth:
+        """The state to retry with after a 401 or 438 (RFC 8489 §9.2.5): ``current`` with
+        the fresh nonce when the key stays (:meth:`same_key`), else the state
+        :meth:`from_challenge` derives, which may raise CredentialError."""
+        if current is not None and current.same_key(realm, offered):
+            current.nonce = nonce
+            return current
+        return cls.from_challenge(username, password, realm, nonce, offered)
 
     def same_key(self, realm: str, offered: PasswordAlgorithms | None) -> bool:
         """Whether a challenge with this REALM and PASSWORD-ALGORITHMS keeps the key, so

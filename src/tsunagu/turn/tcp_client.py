@@ -54,11 +54,11 @@ from tsunagu.stun.attributes import (
     Realm,
 )
 from tsunagu.stun.constants import HEADER_LENGTH, MessageClass, Method
-from tsunagu.stun.credentials import CredentialError, parse_security_features
+from tsunagu.stun.credentials import CredentialError
 from tsunagu.stun.message import IntegrityAlgorithm, Message
 from tsunagu.stun.transaction import TransactionConfig, TransactionManager
 from tsunagu.turn import client_events as ev
-from tsunagu.turn.client_auth import LongTermAuth
+from tsunagu.turn.client_auth import LongTermAuth, password_algorithms_stripped
 
 __all__ = ["CONNECTION_BIND_TIMEOUT", "DataConnection", "DataConnectionState"]
 
@@ -275,8 +275,7 @@ class DataConnection:
             self._fail(TurnError(code, f"{reason} (no REALM/NONCE)"))
             return
         offered = message.get(PasswordAlgorithms)
-        features = parse_security_features(nonce.value)
-        if features is not None and features.password_algorithms and offered is None:
+        if password_algorithms_stripped(nonce.value, offered):
             # RFC 8489 §9.2.5: "MUST NOT retry" -- someone stripped PASSWORD-ALGORITHMS.
             self._fail(TurnError(code, "nonce cookie without PASSWORD-ALGORITHMS"))
             return
@@ -291,17 +290,18 @@ class DataConnection:
             self._fail(TurnError(code, reason))
             return
         self._challenges += 1
-        auth = self._auth
-        if auth is not None and auth.same_key(realm.value, offered):
-            auth.nonce = nonce.value  # same key, fresh nonce
-        else:
-            try:
-                self._auth = LongTermAuth.from_challenge(
-                    self._username, self._password, realm.value, nonce.value, offered
-                )
-            except CredentialError as exc:
-                self._fail(TurnError(code, f"{reason} ({exc})"))
-                return
+        try:
+            self._auth = LongTermAuth.for_retry(
+                self._auth,
+                self._username,
+                self._password,
+                realm=realm.value,
+                nonce=nonce.value,
+                offered=offered,
+            )
+        except CredentialError as exc:
+            self._fail(TurnError(code, f"{reason} ({exc})"))
+            return
         self._own_nonce = True
         self._send_bind(now)
 
