@@ -53,6 +53,7 @@ from collections.abc import Callable, Sequence
 from typing import cast
 
 from tsunagu.aio.loop import clock
+from tsunagu.aio.sockets import shared_port_tcp_socket
 from tsunagu.ice.agent import IceAgent
 from tsunagu.ice.candidate import Address, TcpType, normalize_ip
 from tsunagu.ice.events import IceEvent, TcpCloseRequested, TcpConnectRequested
@@ -85,22 +86,6 @@ def simultaneous_open_supported() -> bool:
     """Simultaneous-open candidates need Linux's ``SO_REUSEPORT``: a listening socket and
     connecting ones on one port."""
     return sys.platform == "linux" and hasattr(socket, "SO_REUSEPORT")
-
-
-def _so_socket(address: Address) -> socket.socket:
-    """A non-blocking TCP socket bound to ``address`` that shares its port with the other
-    sockets of a simultaneous-open candidate."""
-    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.setblocking(False)
-        sock.bind(address)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 class _Stream(asyncio.Protocol):
@@ -178,7 +163,7 @@ class IceTcp:
                 await self._gather_simultaneous_open(loop, ip)
 
     async def _gather_simultaneous_open(self, loop: asyncio.AbstractEventLoop, ip: str) -> None:
-        sock = _so_socket((ip, 0))
+        sock = shared_port_tcp_socket((ip, 0))
         port = int(sock.getsockname()[1])
         candidate = self._agent.add_tcp_host_candidate((ip, port), TcpType.SIMULTANEOUS_OPEN)
         if candidate is None:
@@ -275,7 +260,7 @@ class IceTcp:
         backoff = _SO_FIRST_BACKOFF
         for attempt in range(SO_RETRIES + 1):
             try:
-                sock = _so_socket(request.local)
+                sock = shared_port_tcp_socket(request.local)
                 try:
                     async with asyncio.timeout_at(deadline):
                         await loop.sock_connect(sock, request.remote)

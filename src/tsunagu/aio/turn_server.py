@@ -66,6 +66,7 @@ from typing import Any, cast
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from tsunagu.aio.sockets import shared_port_tcp_socket
 from tsunagu.aio.workers import WorkerContext
 from tsunagu.errors import StunDecodeError
 from tsunagu.stun.attributes import ConnectionId
@@ -213,23 +214,6 @@ def _tcp_socket(address: Address, reuse_port: bool = False) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(address)
         sock.listen(_BACKLOG)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _relay_tcp_socket(address: Address) -> socket.socket:
-    """A TCP socket on a relayed transport address: both the RFC 6062 listener and the
-    sockets connecting out to peers bind there, hence SO_REUSEADDR and SO_REUSEPORT."""
-    sock = socket.socket(_family(address[0]), socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if sock.family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(address)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -409,7 +393,7 @@ class RelaySockets:
 
     def bind_tcp(self, address: Address) -> bool:
         try:
-            sock = _relay_tcp_socket(address)
+            sock = shared_port_tcp_socket(address)
             sock.listen(_BACKLOG)
         except OSError as exc:
             if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
@@ -1313,7 +1297,7 @@ class TurnServer:
         """RFC 6062 §5.2: connect from the relayed transport address to the peer."""
         connection_id = command.connection_id
         try:
-            sock = _relay_tcp_socket(command.relay)
+            sock = shared_port_tcp_socket(command.relay)
         except OSError:
             self._peer_tasks.pop(connection_id, None)
             self.core.peer_connection_failed(connection_id, self._loop.time())
