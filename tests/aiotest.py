@@ -17,9 +17,12 @@ import asyncio
 import functools
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, ParamSpec
+from typing import TYPE_CHECKING, Any, ParamSpec
 
-__all__ = ["asynctest_within", "bounded", "run_tsunagu", "start_tsunagu"]
+if TYPE_CHECKING:
+    from tsunagu.aio.ice import IceConnection
+
+__all__ = ["asynctest_within", "bounded", "run_tsunagu", "signal_pair", "start_tsunagu"]
 
 P = ParamSpec("P")
 
@@ -38,6 +41,17 @@ def asynctest_within(
         return run
 
     return asynctest
+
+
+async def signal_pair(a: IceConnection, b: IceConnection) -> None:
+    """What a signalling channel would do between two connections of this process:
+    credentials, every local candidate gathered so far and end-of-candidates, both ways."""
+    a.set_remote_credentials(b.local_username, b.local_password)
+    b.set_remote_credentials(a.local_username, a.local_password)
+    for here, there in ((a, b), (b, a)):
+        for candidate in there.local_candidates:
+            await here.add_remote_candidate(candidate)
+        await here.add_remote_candidate(None)
 
 
 def bounded(test: Callable[[], Awaitable[None]], limit: float) -> None:

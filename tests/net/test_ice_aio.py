@@ -28,22 +28,10 @@ from tsunagu.stun.transaction import TransactionConfig
 _TESTS = str(Path(__file__).resolve().parent.parent)
 if _TESTS not in sys.path:  # tests/aiotest.py and tests/loopback_servers.py
     sys.path.insert(0, _TESTS)
-from aiotest import bounded, start_tsunagu  # noqa: E402
+from aiotest import bounded, signal_pair, start_tsunagu  # noqa: E402
 from loopback_servers import PASSWORD, USER, start_turn_server  # noqa: E402
 
 LIMIT = 10.0
-
-
-async def signal(a: IceConnection, b: IceConnection) -> None:
-    """What a signalling channel would do: credentials and candidates, both ways."""
-    a.remote_username, a.remote_password = b.local_username, b.local_password
-    b.remote_username, b.remote_password = a.local_username, a.local_password
-    for candidate in b.local_candidates:
-        await a.add_remote_candidate(candidate)
-    await a.add_remote_candidate(None)
-    for candidate in a.local_candidates:
-        await b.add_remote_candidate(candidate)
-    await b.add_remote_candidate(None)
 
 
 def loopback(controlling: bool) -> IceConnection:
@@ -58,7 +46,7 @@ def test_two_connections_connect_and_exchange_data(first_controlling: bool) -> N
             for conn in (a, b):
                 assert [c.type for c in conn.local_candidates] == [CandidateType.HOST]
                 assert conn.local_candidates[0].address == "127.0.0.1"
-            await signal(a, b)
+            await signal_pair(a, b)
             pair_a, pair_b = await asyncio.gather(a.connect(), b.connect())
             assert pair_a.local == a.local_candidates[0]
             assert pair_a.remote.transport_address == b.local_candidates[0].transport_address
@@ -93,7 +81,7 @@ def test_consent_keeps_running_while_data_flows() -> None:
             ) as b,
         ):
             await asyncio.gather(a.gather(), b.gather())
-            await signal(a, b)
+            await signal_pair(a, b)
             await asyncio.gather(a.connect(), b.connect())
             before = [conn.selected_pair.responses_received for conn in (a, b)]  # type: ignore[union-attr]
             loop = asyncio.get_running_loop()
@@ -313,7 +301,7 @@ def test_relay_only_connection_through_tsunagu_turn_server(relay_controlling: bo
                 await asyncio.gather(relayed.gather(), direct.gather())
                 assert [c.type for c in relayed.local_candidates] == [CandidateType.RELAYED]
                 assert relayed.local_candidates[0].port >= 61000
-                await signal(relayed, direct)
+                await signal_pair(relayed, direct)
                 pair, _ = await asyncio.gather(relayed.connect(), direct.connect())
                 assert pair.local.type is CandidateType.RELAYED
                 for i in range(3):

@@ -39,7 +39,7 @@ from tsunagu.stun.message import Message, new_transaction_id, success_response
 _TESTS = str(Path(__file__).resolve().parent.parent)
 if _TESTS not in sys.path:  # tests/aiotest.py and tests/loopback_servers.py
     sys.path.insert(0, _TESTS)
-from aiotest import bounded, start_tsunagu  # noqa: E402
+from aiotest import bounded, signal_pair, start_tsunagu  # noqa: E402
 from loopback_servers import PASSWORD, USER, start_turn_server  # noqa: E402
 
 LIMIT = 10.0
@@ -538,12 +538,7 @@ def test_ice_servers_and_relay_policy_like_rtc_configuration() -> None:
             ):
                 await asyncio.gather(ours.gather(), peer.gather())
                 assert [c.type for c in ours.local_candidates] == [CandidateType.RELAYED]
-                ours.set_remote_credentials(peer.local_username, peer.local_password)
-                peer.set_remote_credentials(ours.local_username, ours.local_password)
-                for me, other in ((ours, peer), (peer, ours)):
-                    for candidate in other.local_candidates:
-                        await me.add_remote_candidate(candidate)
-                    await me.add_remote_candidate(None)
+                await signal_pair(ours, peer)
                 pair, _ = await asyncio.gather(ours.connect(), peer.connect())
                 assert pair.local.type is CandidateType.RELAYED
                 await ours.send(b"through the relay")
@@ -569,12 +564,7 @@ def test_ice_lite_connection_serves_a_full_agent() -> None:
             IceConnection(True, host_addresses=["127.0.0.1"], allow_loopback=True) as full,
         ):
             await asyncio.gather(lite.gather(), full.gather())
-            lite.set_remote_credentials(full.local_username, full.local_password)
-            full.set_remote_credentials(lite.local_username, lite.local_password)
-            for me, other in ((lite, full), (full, lite)):
-                for candidate in other.local_candidates:
-                    await me.add_remote_candidate(candidate)
-                await me.add_remote_candidate(None)
+            await signal_pair(lite, full)
             pair, lite_pair = await asyncio.gather(full.connect(), lite.connect())
             assert pair.nominated and lite_pair.nominated
             assert pair.requests_sent >= 1 and lite_pair.requests_sent == 0  # lite never checks

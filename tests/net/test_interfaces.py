@@ -9,6 +9,8 @@ import ipaddress
 import json
 import socket
 import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +23,11 @@ from tsunagu.aio.interfaces import (
     select_host_addresses,
 )
 from tsunagu.ice.candidate import CandidateType
+
+_TESTS = str(Path(__file__).resolve().parent.parent)
+if _TESTS not in sys.path:  # tests/aiotest.py
+    sys.path.insert(0, _TESTS)
+from aiotest import signal_pair  # noqa: E402
 
 LIMIT = 20.0
 
@@ -116,12 +123,7 @@ def test_loopback_interface_gathers_and_connects_within_a_port_range() -> None:
                 assert all(c.type is CandidateType.HOST for c in hosts)
                 assert all(low <= c.port <= high for c in hosts)
                 assert len({c.priority for c in hosts}) == len(hosts)
-            a.set_remote_credentials(b.local_username, b.local_password)
-            b.set_remote_credentials(a.local_username, a.local_password)
-            for here, there in ((a, b), (b, a)):
-                for candidate in there.local_candidates:
-                    await here.add_remote_candidate(candidate)
-                await here.add_remote_candidate(None)
+            await signal_pair(a, b)
             await asyncio.gather(a.connect(), b.connect())
             await a.send(b"over lo", 2)
             assert await b.recvfrom() == (b"over lo", 2)
